@@ -1,0 +1,331 @@
+"""
+Teacher data: load, format, tokenize (cached), filter by length, split; and an offline synthetic dataset.
+
+    python data.py stats --data_path deepseek-r1-math-train --use_think_tokens --max_seq_len 2048
+    python data.py synth --out demo
+"""
+import argparse
+import hashlib
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import qwen3
+
+PARTITIONS = ["deepseek-r1-math-train", "deepseek-r1-math500", "qwen3-235b-a22b-math-train", "qwen3-235b-a22b-math500"]
+DATA_URLS = ["https://huggingface.co/datasets/rasbt/math_distill/resolve/main/data/{partition}.json",
+             "https://f001.backblazeb2.com/file/reasoning-from-scratch/MATH/{partition}.json"]
+MATH500_URL = ("https://raw.githubusercontent.com/rasbt/reasoning-from-scratch/main/"
+               "ch03/01_main-chapter-code/math500_test.json")
+FORMAT_VERSION = 1  # bump when formatting or tokenization changes: old token caches then miss
+
+PROMPT_TEMPLATE = ("You are a helpful math assistant.\n"
+                   "Answer the question and write the final result on a new line as:\n"
+                   "\\boxed{{ANSWER}}\n\n"
+                   "Question:\n{problem}\n\nAnswer:")
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def fetch(urls, dest):
+    """Download the first URL that works into dest (cached: no network once it exists)."""
+    if dest.exists():
+        return dest
+    errors = []
+    for url in urls:
+        try:
+            return qwen3.download(url, dest)
+        except qwen3.DownloadError as e:
+            errors.append(str(e).splitlines()[0])
+    raise qwen3.DownloadError(f"could not download {dest.name} ({'; '.join(errors)}). Without internet, copy the file "
+                              f"to {dest} or pass a local path.")
+
+
+def resolve_data_path(partition_or_path, cache_dir=None):
+    """A local file for a partition name (downloaded once, primary URL then backup) or a path."""
+    if partition_or_path in PARTITIONS:
+        dest = Path(cache_dir or qwen3.default_cache_dir()) / "data" / f"{partition_or_path}.json"
+        return fetch([u.format(partition=partition_or_path) for u in DATA_URLS], dest)
+    path = Path(partition_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path} (or use a partition: {', '.join(PARTITIONS)})")
+    return path
+
+
+def read_rows(path):
+    """Rows of a JSON array or a JSONL file, with errors that name the file, line and column."""
+    text = Path(path).read_text(encoding="utf-8")
+    jsonl = not text.lstrip().startswith("[")
+    rows, line_no = [], 0
+    try:
+        if jsonl:
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = line_no if jsonl else e.lineno
+        raise ValueError(f"{path}: invalid JSON at line {line} column {e.colno}: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of rows at the top level, got {type(rows).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_distill_data(partition_or_path, cache_dir=None):
+    return read_rows(resolve_data_path(partition_or_path, cache_dir))
+
+
+def load_math500(path=None, cache_dir=None):
+    """MATH-500 (downloaded and cached when no path is given) or any file in its schema."""
+    if path is None:
+        path = fetch([MATH500_URL], Path(cache_dir or qwen3.default_cache_dir()) / "data" / "math500_test.json")
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return read_rows(path)
+
+
+# -----------------------------------------------------------------------------
+# Formatting
+
+
+def render_prompt(problem):
+    return PROMPT_TEMPLATE.format(problem=problem)
+
+
+def _field(row, key, required):
+    """A stripped string field, or ValueError naming why the row is unusable."""
+    if not isinstance(row, dict):
+        raise ValueError("row is not an object")
+    if key not in row:
+        if required:
+            raise ValueError(f"missing {key}")
+        return ""
+    value = row[key]
+    if value is None:
+        if required:
+            raise ValueError(f"null {key}")
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"non-string {key}")
+    return value.replace("<think>", "").replace("</think>", "").strip()
+
+
+def format_distilled_answer(row, use_think_tokens):
+    """The training target for one teacher row; ValueError (the skip reason) when unusable."""
+    content = _field(row, "message_content", required=True)
+    if not content:
+        raise ValueError("empty message_content")
+    thinking = _field(row, "message_thinking", required=False)
+    if use_think_tokens:
+        return f"<think>{thinking}</think>\n\n{content}"
+    return f"{thinking}\n\n{content}" if thinking else content
+
+
+def format_example(row, use_think_tokens):
+    """(prompt, target) strings; ValueError with the skip reason."""
+    problem = _field(row, "problem", required=True)
+    if not problem:
+        raise ValueError("empty problem")
+    return render_prompt(problem), format_distilled_answer(row, use_think_tokens)
+
+
+def build_examples(rows, tokenizer, use_think_tokens):
+    """Examples {token_ids: prompt ids + target ids + [eos], prompt_len} and a Counter of skip reasons.
+
+    Index i of a skipped row is simply absent; each example keeps its row index in 'row'.
+    """
+    texts, skipped = [], Counter()
+    for i, row in enumerate(rows):
+        try:
+            texts.append((i, *format_example(row, use_think_tokens)))
+        except ValueError as reason:
+            skipped[str(reason)] += 1
+    prompts = tokenizer.encode_batch([tokenizer.wrap(p) for _, p, _ in texts])
+    targets = tokenizer.encode_batch([t for _, _, t in texts])
+    examples = [{"token_ids": p + t + [tokenizer.eos_token_id], "prompt_len": len(p), "row": i}
+                for (i, _, _), p, t in zip(texts, prompts, targets)]
+    return examples, skipped
+
+
+def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None, use_cache=True):
+    """build_examples for a file, cached on disk by (file content, tokenizer, variant, think flag, format version).
+
+    Returns (examples, skipped, num_rows). A cache file whose key or structure is wrong is rebuilt.
+    """
+    path = resolve_data_path(data_path, cache_dir)
+    key_parts = [hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.sha256, tokenizer.kind,
+                 str(bool(use_think_tokens)), str(FORMAT_VERSION)]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
+    cache_file = Path(cache_dir or qwen3.default_cache_dir()) / "tokenized" / f"{path.stem}-{key}.pt"
+    if use_cache and cache_file.exists():
+        cached = _read_token_cache(cache_file, key)
+        if cached is not None:
+            return cached
+    rows = read_rows(path)
+    examples, skipped = build_examples(rows, tokenizer, use_think_tokens)
+    if use_cache:
+        _write_token_cache(cache_file, key, examples, skipped, len(rows))
+    return examples, skipped, len(rows)
+
+
+def _write_token_cache(cache_file, key, examples, skipped, num_rows):
+    lengths = torch.tensor([len(e["token_ids"]) for e in examples], dtype=torch.int64)
+    state = {"key": key, "num_rows": num_rows, "skipped": dict(skipped),
+             "tokens": torch.tensor([t for e in examples for t in e["token_ids"]], dtype=torch.int32),
+             "lengths": lengths, "prompt_lens": torch.tensor([e["prompt_len"] for e in examples], dtype=torch.int64),
+             "rows": torch.tensor([e["row"] for e in examples], dtype=torch.int64)}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(cache_file)
+
+
+def _read_token_cache(cache_file, key):
+    """The cached (examples, skipped, num_rows), or None when the file is stale or damaged."""
+    try:
+        state = torch.load(cache_file, weights_only=True)
+        lengths = state["lengths"].tolist()
+        ok = state["key"] == key and sum(lengths) == len(state["tokens"]) == state["tokens"].numel() \
+            and len(lengths) == len(state["prompt_lens"]) == len(state["rows"])
+    except Exception:
+        ok = False
+    if not ok:
+        print(f"token cache {cache_file} is stale or damaged: rebuilding", file=sys.stderr)
+        return None
+    chunks = torch.split(state["tokens"], lengths)
+    examples = [{"token_ids": c.tolist(), "prompt_len": p, "row": r}
+                for c, p, r in zip(chunks, state["prompt_lens"].tolist(), state["rows"].tolist())]
+    return examples, Counter(state["skipped"]), state["num_rows"]
+
+
+# -----------------------------------------------------------------------------
+# Statistics, length filter, split
+
+
+def length_stats(examples):
+    """Average, shortest and longest length (with example index), total and answer-only."""
+    def summary(lengths):
+        shortest, longest = min(range(len(lengths)), key=lengths.__getitem__), max(range(len(lengths)), key=lengths.__getitem__)
+        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest], "shortest_index": shortest,
+                "longest": lengths[longest], "longest_index": longest}
+    return {"total": summary([len(e["token_ids"]) for e in examples]),
+            "answer": summary([len(e["token_ids"]) - e["prompt_len"] for e in examples])}
+
+
+def filter_by_length(examples, max_seq_len):
+    """Examples of at most max_seq_len tokens (eos included) and the counts."""
+    kept = [e for e in examples if len(e["token_ids"]) <= max_seq_len]
+    return kept, {"original": len(examples), "kept": len(kept), "removed": len(examples) - len(kept)}
+
+
+def split_examples(examples, validation_size, seed):
+    """Seeded shuffle, then the first validation_size examples are the validation set."""
+    if validation_size < 0:
+        raise ValueError(f"validation size must be >= 0, got {validation_size}")
+    if validation_size >= len(examples):
+        raise ValueError(f"validation size {validation_size} leaves no training examples: only {len(examples)} "
+                         "examples remain after filtering (lower --validation_size or raise --max_seq_len)")
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[validation_size:], shuffled[:validation_size]
+
+
+def describe_skipped(skipped):
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
+
+
+# -----------------------------------------------------------------------------
+# Synthetic offline dataset: sums of single-digit numbers, worked step by step.
+# A running total needs one small addition per step: easy with the trace, hard in one shot.
+
+
+def synth_problem(rng, n_terms):
+    terms = [rng.randint(1, 9) for _ in range(n_terms)]
+    problem = f"What is {' + '.join(map(str, terms))}?"
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total} + {t} = {total + t}")
+        total += t
+    return problem, str(total), "\n".join(steps)
+
+
+def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=6):
+    """(train rows in the teacher schema, test rows in the MATH-500 schema), no problem in both."""
+    rng = random.Random(seed)
+    test, seen = [], set()
+    while len(test) < n_test:
+        n = rng.randint(min_terms, max_terms)
+        problem, answer, _ = synth_problem(rng, n)
+        if problem not in seen:
+            seen.add(problem)
+            test.append({"problem": problem, "answer": answer, "subject": f"{n} terms", "level": n - min_terms + 1,
+                         "unique_id": f"synth/test/{len(test)}"})
+    train = []
+    while len(train) < n_train:
+        problem, answer, trace = synth_problem(rng, rng.randint(min_terms, max_terms))
+        if problem not in seen:
+            train.append({"problem": problem, "gtruth_answer": answer, "message_thinking": f"Add from left to right.\n{trace}",
+                          "message_content": f"The sum is {answer}.\n\n\\boxed{{{answer}}}"})
+    return train, test
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Teacher data statistics and the offline synthetic dataset.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("stats", help="length statistics of a teacher file", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--data_path", required=True, help=f"a JSON/JSONL file or a partition: {', '.join(PARTITIONS)}")
+    s.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B", help="repo id, model directory, tokenizer.json or 'tiny'")
+    s.add_argument("--which_model", default="reasoning", choices=["base", "reasoning"], help="tokenizer variant")
+    s.add_argument("--use_think_tokens", action="store_true", help="wrap the teacher reasoning in <think></think>")
+    s.add_argument("--max_seq_len", type=int, default=None, help="also report what a length filter keeps")
+    s.add_argument("--cache_dir", default=None, help="downloads and token cache (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
+    y = sub.add_parser("synth", help="write an offline synthetic dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    y.add_argument("--out", required=True, help="directory for train.json (teacher schema) and test.json (MATH-500 schema)")
+    y.add_argument("--n_train", type=int, default=4000)
+    y.add_argument("--n_test", type=int, default=200)
+    y.add_argument("--seed", type=int, default=123)
+    args = p.parse_args(argv)
+
+    if args.cmd == "synth":
+        train, test = synth_dataset(args.n_train, args.n_test, args.seed)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.json").write_text(json.dumps(train, indent=1))
+        (out / "test.json").write_text(json.dumps(test, indent=1))
+        print(f"wrote {len(train)} training rows to {out / 'train.json'} and {len(test)} test rows to {out / 'test.json'}")
+        print(f"example problem: {train[0]['problem']}\n{train[0]['message_thinking']}\n{train[0]['message_content']}")
+        return
+
+    tok = qwen3.load_tokenizer(args.tokenizer, args.which_model, args.cache_dir)
+    examples, skipped, num_rows = prepare_examples(args.data_path, tok, args.use_think_tokens, args.cache_dir)
+    print(f"rows: {num_rows}, usable: {len(examples)}, skipped: {describe_skipped(skipped)}")
+    if not examples:
+        raise ValueError("no usable rows")
+    for part, st in length_stats(examples).items():
+        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} (example {st['shortest_index']}), "
+              f"longest {st['longest']} (example {st['longest_index']})")
+    if args.max_seq_len:
+        kept, counts = filter_by_length(examples, args.max_seq_len)
+        print(f"max_seq_len {args.max_seq_len}: original {counts['original']}, kept {counts['kept']}, removed {counts['removed']}")
+        if kept:
+            print(f"after filtering: average {length_stats(kept)['total']['average']:.0f} tokens")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
+        sys.exit(f"error: {err}")
