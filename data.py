@@ -238,6 +238,47 @@ def split_examples(examples, validation_size, seed):
     return shuffled[validation_size:], shuffled[:validation_size]
 
 
+def make_batches(examples, batch_size, seed, tokens_per_batch=0):
+    """Seeded shuffle into batches of similar length (right padding then wastes little compute).
+
+    batch_size 1 with no token budget is the reference per-example order. Otherwise examples are sorted
+    by length within windows of 100 batches, cut into batches of at most batch_size examples and at most
+    tokens_per_batch padded tokens (when > 0), and the batches are shuffled.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if batch_size == 1 and not tokens_per_batch:
+        return [[examples[i]] for i in order]
+    window, batches = batch_size * 100, []
+    for w in range(0, len(order), window):
+        batch = []
+        for i in sorted(order[w:w + window], key=lambda i: len(examples[i]["token_ids"])):
+            padded = (len(batch) + 1) * len(examples[i]["token_ids"])  # ascending: the newcomer is the longest
+            if batch and (len(batch) == batch_size or (tokens_per_batch and padded > tokens_per_batch)):
+                batches.append(batch)
+                batch = []
+            batch.append(examples[i])
+        batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch, device="cpu"):
+    """Right-padded (input_ids, targets, loss_mask): input = sequence[:-1], targets = sequence[1:], and the
+    loss covers positions prompt_len - 1 onwards, so only answer tokens (and eos) are predicted."""
+    width = max(len(e["token_ids"]) for e in batch) - 1
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    targets = torch.zeros(len(batch), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    for i, e in enumerate(batch):
+        ids = torch.tensor(e["token_ids"])
+        n = len(ids) - 1
+        input_ids[i, :n], targets[i, :n] = ids[:-1], ids[1:]
+        loss_mask[i, e["prompt_len"] - 1:n] = True
+    return input_ids.to(device), targets.to(device), loss_mask.to(device)
+
+
 def describe_skipped(skipped):
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
 

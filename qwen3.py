@@ -257,21 +257,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def answer_loss(model, input_ids, targets, loss_mask, per_example_mean=False, chunk_size=1024):
-    """Cross-entropy over the answer tokens only (loss_mask True), float32 accumulation.
+def answer_loss(model, input_ids, targets, loss_mask, per_example_mean=False, normalizer=None, chunk_size=1024):
+    """Cross-entropy over the answer tokens only (loss_mask True), accumulated in float32.
 
-    Default: the mean over all answer tokens of the batch. per_example_mean: each example's mean,
-    then the mean over examples (equal to the reference per-example loss at batch size 1).
+    Default: sum of token losses / normalizer, the number of answer tokens (of this batch unless given:
+    pass the optimizer step's total under gradient accumulation). per_example_mean: each example's own
+    mean, summed / normalizer examples; at batch size 1 both equal the reference per-example loss.
     """
     hidden = model.hidden_states(input_ids)
     mask = loss_mask.bool()
     counts = mask.sum(1, keepdim=True).float()
     if per_example_mean:
-        token_weights = (1.0 / (counts * mask.shape[0])).expand_as(mask)[mask]
+        token_weights = 1.0 / (counts * (normalizer or mask.shape[0]))
     else:
-        token_weights = torch.full_like(counts, 1.0 / counts.sum()).expand_as(mask)[mask]
+        token_weights = torch.full_like(counts, 1.0 / (normalizer or counts.sum()))
     return ChunkedCrossEntropy.apply(hidden[mask], model.lm_head.weight, targets[mask],
-                                     token_weights.contiguous(), chunk_size)
+                                     token_weights.expand_as(mask)[mask].contiguous(), chunk_size)
 
 
 # -----------------------------------------------------------------------------
@@ -379,8 +380,10 @@ class Tokenizer:
 def tiny_tokenizer_json():
     """A byte-level tokenizer (256 byte tokens + the Qwen3 special-token strings) built in code."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    # id = byte value; the characters are ByteLevel's printable stand-ins for the 256 bytes (GPT-2's mapping)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    vocab = {(chr(b) if b in printable else chr(next(others))): b for b in range(256)}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -411,26 +414,35 @@ class DownloadError(RuntimeError):
 
 
 class Progress:
-    """A minimal progress bar on stderr: done/total, rate and ETA, redrawn at most five times a second."""
+    """A minimal progress bar on stderr: done/total, rate and ETA. Redrawn in place five times a second
+    on a terminal; one line every 30 s when stderr is a file or a pipe."""
 
     def __init__(self, total=None, desc="", unit="it", scale=1):
         self.total, self.desc, self.unit, self.scale = total, desc, unit, scale
-        self.done, self.start, self.last = 0, time.time(), 0.0
+        self.done, self.start, self.last = 0, time.time(), time.time()
+        self.tty = sys.stderr.isatty()
 
     def update(self, n=1):
         self.done += n
         now = time.time()
-        if now - self.last > 0.2 or self.done == self.total:
+        if now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total):
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             of = f"/{self.total / self.scale:.0f}" if self.total else ""
             eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
-            sys.stderr.write(f"\r{self.desc} {self.done / self.scale:.0f}{of} {self.unit} "
-                             f"({rate / self.scale:.1f} {self.unit}/s){eta}   ")
+            line = f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} ({rate / self.scale:.1f} {self.unit}/s){eta}"
+            sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
             sys.stderr.flush()
 
+    def write(self, message):
+        """Print a line above the bar."""
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        print(message, flush=True)
+
     def close(self):
-        sys.stderr.write("\n")
+        if self.tty:
+            sys.stderr.write("\n")
 
 
 def format_seconds(s):
@@ -438,7 +450,7 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def download(url, dest, retries=4, session=None, chunk=1 << 20):
+def download(url, dest, retries=4, session=None, chunk=1 << 16):
     """Download url to dest. Partial data lives in dest.part and is resumed with a Range request;
     the file is renamed into place only once its size matches the server's Content-Length."""
     import requests
