@@ -58,20 +58,23 @@ def resolve_data_path(partition_or_path, cache_dir=None):
 
 
 def read_rows(path):
-    """Rows of a JSON array or a JSONL file, with errors that name the file, line and column."""
+    """Rows of a JSON array or a JSON Lines file, with errors that name the file, line and column."""
     text = Path(path).read_text(encoding="utf-8")
-    jsonl = not text.lstrip().startswith("[")
-    rows, line_no = [], 0
-    try:
-        if jsonl:
-            for line_no, line in enumerate(text.splitlines(), 1):
+    rows = None
+    if Path(path).suffix != ".jsonl":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": several JSON values, i.e. JSON Lines
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if rows is None:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            try:
                 if line.strip():
                     rows.append(json.loads(line))
-        else:
-            rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        line = line_no if jsonl else e.lineno
-        raise ValueError(f"{path}: invalid JSON at line {line} column {e.colno}: {e.msg}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {line_no} column {e.colno}: {e.msg}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of rows at the top level, got {type(rows).__name__}")
     if not rows:
@@ -284,18 +287,18 @@ def describe_skipped(skipped):
 
 
 # -----------------------------------------------------------------------------
-# Synthetic offline dataset: sums of single-digit numbers, worked step by step.
-# A running total needs one small addition per step: easy with the trace, hard in one shot.
+# Synthetic offline dataset: sums of single-digit numbers, rewritten one addition at a time.
+# Each line of the trace is the previous line with its first two terms added: a local step that a
+# tiny model learns quickly, while the whole sum in one shot is hard for it.
 
 
 def synth_problem(rng, n_terms):
     terms = [rng.randint(1, 9) for _ in range(n_terms)]
-    problem = f"What is {' + '.join(map(str, terms))}?"
-    steps, total = [], terms[0]
-    for t in terms[1:]:
-        steps.append(f"{total} + {t} = {total + t}")
-        total += t
-    return problem, str(total), "\n".join(steps)
+    lines = [" + ".join(map(str, terms))]
+    while len(terms) > 1:
+        terms = [terms[0] + terms[1]] + terms[2:]
+        lines.append("= " + " + ".join(map(str, terms)))
+    return f"What is {lines[0]}?", str(terms[0]), "\n".join(lines)
 
 
 def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=6):
@@ -313,7 +316,7 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=6):
     while len(train) < n_train:
         problem, answer, trace = synth_problem(rng, rng.randint(min_terms, max_terms))
         if problem not in seen:
-            train.append({"problem": problem, "gtruth_answer": answer, "message_thinking": f"Add from left to right.\n{trace}",
+            train.append({"problem": problem, "gtruth_answer": answer, "message_thinking": trace,
                           "message_content": f"The sum is {answer}.\n\n\\boxed{{{answer}}}"})
     return train, test
 

@@ -50,8 +50,8 @@ def _braced(text, start):
 
 
 def extract_answer(text):
-    """The final answer in a model output: last \\boxed{..}/\\fbox{..}/\\boxed 5; else a short bare answer
-    or the last number. None when there is nothing to grade."""
+    """The final answer in a model output: the last \\boxed{..}/\\fbox{..}/\\boxed 5 (an earlier one if the
+    last is unbalanced); with no box at all, a short bare answer or the last number. None: nothing to grade."""
     if not isinstance(text, str) or not text.strip():
         return None
     starts = sorted(m.end() for m in re.finditer(r"\\(?:boxed|fbox)", text))
@@ -66,6 +66,8 @@ def extract_answer(text):
             token = re.match(r"[^\s$]+", text[pos:])
             if token:
                 return token.group()
+    if starts:
+        return None  # boxed, but never closed: no answer rather than a guess
     bare = text.strip().strip("$").strip().rstrip(".")
     if len(bare) <= 60 and "\n" not in bare and not re.search(r"[a-zA-Z]{4,}", re.sub(r"\\[a-zA-Z]+", "", bare)):
         return bare  # a short answer given without \boxed, e.g. "\frac{1}{2}"
@@ -89,7 +91,8 @@ def normalize(answer):
     s = re.sub(r"<\|[^|>]{1,30}\|>", "", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = re.sub(r"(?<!\\)\\(?:displaystyle|limits|!|,|;|:|quad|qquad|\s)(?![a-zA-Z])|~", " ", s)  # not the \\ of rows
+    s = s.replace("\\!", "")  # negative thin space, as in 10,\!080
+    s = re.sub(r"(?<!\\)\\(?:displaystyle|limits|,|;|:|quad|qquad|\s)(?![a-zA-Z])|~", " ", s)  # not the \\ of rows
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\circ|\\degree", "", s)
     s = re.sub(r"\\?%|\\?\$|(?<!\\)\\[()\[\]]", "", s)
     for _ in range(5):  # unwrap \text{..} and friends, innermost first
@@ -521,7 +524,7 @@ def wilson_interval(correct, n, z=1.96):
         return 0.0, 0.0
     p = correct / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))  # clamp rounding
 
 
 def summarize(records, wall_time_s=None, **info):

@@ -74,8 +74,8 @@ class Qwen3Config:
 
 # A few layers of small width, random init: CPU tests and the offline walkthrough.
 # head_dim != hidden/heads and GQA on purpose, like the real 0.6B model.
-TINY = Qwen3Config(vocab_size=320, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                   num_attention_heads=6, num_key_value_heads=2, head_dim=48, rope_theta=10000.0,
+TINY = Qwen3Config(vocab_size=320, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=48, rope_theta=10000.0,
                    tie_word_embeddings=True, max_position_embeddings=4096)
 
 # -----------------------------------------------------------------------------

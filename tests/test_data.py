@@ -1,0 +1,188 @@
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+import data
+import qwen3
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen3.load_tokenizer("tiny", "reasoning")
+
+
+ROW = {"problem": "What is 1+1?", "gtruth_answer": "2", "message_thinking": " 1 plus 1 is 2. ",
+       "message_content": " So \\boxed{2} ", "extra": 1}
+
+
+def test_prompt_is_the_exact_reference_template():
+    assert data.render_prompt("Compute $x$.") == (
+        "You are a helpful math assistant.\nAnswer the question and write the final result on a new line as:\n"
+        "\\boxed{ANSWER}\n\nQuestion:\nCompute $x$.\n\nAnswer:")
+
+
+def test_targets_with_and_without_think_tokens():
+    assert data.format_distilled_answer(ROW, True) == "<think>1 plus 1 is 2.</think>\n\nSo \\boxed{2}"
+    assert data.format_distilled_answer(ROW, False) == "1 plus 1 is 2.\n\nSo \\boxed{2}"
+    stray = {**ROW, "message_thinking": "<think>hmm</think>", "message_content": "</think>ok"}
+    assert data.format_distilled_answer(stray, True) == "<think>hmm</think>\n\nok"
+    for thinking in (None, "", "  "):
+        row = {**ROW, "message_thinking": thinking}
+        assert data.format_distilled_answer(row, False) == "So \\boxed{2}"
+    assert data.format_distilled_answer({"message_content": "é∑ 😀"}, False) == "é∑ 😀"
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({k: v for k, v in ROW.items() if k != "message_content"}, "missing message_content"),
+    ({**ROW, "message_content": None}, "null message_content"),
+    ({**ROW, "message_content": "  "}, "empty message_content"),
+    ({**ROW, "message_content": "<think></think>"}, "empty message_content"),
+    ({**ROW, "message_content": 5}, "non-string message_content"),
+    ({**ROW, "message_thinking": ["a"]}, "non-string message_thinking"),
+    ({k: v for k, v in ROW.items() if k != "problem"}, "missing problem"),
+    ({**ROW, "problem": ""}, "empty problem"),
+    ("just a string", "row is not an object"),
+])
+def test_unusable_rows_are_counted_by_reason(tok, row, reason):
+    examples, skipped = data.build_examples([ROW, row, ROW], tok, True)
+    assert [e["row"] for e in examples] == [0, 2]
+    assert skipped == Counter({reason: 1})
+
+
+def test_sequence_layout(tok):
+    (example,), _ = data.build_examples([ROW], tok, True)
+    prompt_ids = tok.encode(data.render_prompt(ROW["problem"]))
+    target_ids = tok.encode(data.format_distilled_answer(ROW, True), chat_wrapped=False)
+    assert example["token_ids"] == prompt_ids + target_ids + [tok.eos_token_id]
+    assert example["prompt_len"] == len(prompt_ids)
+    input_ids, targets, mask = data.collate([example])
+    n = len(example["token_ids"]) - 1
+    assert input_ids[0].tolist() == example["token_ids"][:-1] and targets[0].tolist() == example["token_ids"][1:]
+    assert mask[0].nonzero().squeeze(1).tolist() == list(range(len(prompt_ids) - 1, n))
+    assert targets[0][mask[0]].tolist() == target_ids + [tok.eos_token_id]  # exactly the answer tokens
+
+
+def test_collate_right_pads_and_masks_per_row(tok):
+    examples, _ = data.build_examples([ROW, {**ROW, "message_content": "longer " * 10}], tok, False)
+    input_ids, targets, mask = data.collate(examples)
+    assert input_ids.shape[1] == max(len(e["token_ids"]) for e in examples) - 1
+    for i, e in enumerate(examples):
+        assert mask[i].sum() == len(e["token_ids"]) - e["prompt_len"]
+
+
+def test_json_and_jsonl_and_errors(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([ROW, ROW]))
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n")
+    assert data.load_distill_data(tmp_path / "a.json") == data.load_distill_data(tmp_path / "a.jsonl") == [ROW, ROW]
+    (tmp_path / "bad.json").write_text('[{"problem": 1},\n {"problem": }]')
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 2 column"):
+        data.load_distill_data(tmp_path / "bad.json")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"line 3 column"):
+        data.load_distill_data(tmp_path / "bad.jsonl")
+    (tmp_path / "obj.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match="list of rows"):
+        data.load_distill_data(tmp_path / "obj.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no rows"):
+        data.load_distill_data(tmp_path / "empty.json")
+    with pytest.raises(FileNotFoundError, match="partition"):
+        data.load_distill_data(tmp_path / "missing.json")
+
+
+def test_filter_and_split_are_deterministic_with_clear_errors():
+    examples = [{"token_ids": [0] * n, "prompt_len": 1, "row": i} for i, n in enumerate([5, 50, 10, 3, 80, 7])]
+    kept, counts = data.filter_by_length(examples, 10)
+    assert [e["row"] for e in kept] == [0, 2, 3, 5] and counts == {"original": 6, "kept": 4, "removed": 2}
+    train, val = data.split_examples(kept, 1, seed=1)
+    assert (train, val) == data.split_examples(kept, 1, seed=1)
+    assert len(val) == 1 and sorted(e["row"] for e in train + val) == [0, 2, 3, 5]
+    assert data.split_examples(kept, 2, seed=2) != data.split_examples(kept, 2, seed=3)
+    with pytest.raises(ValueError, match="leaves no training examples"):
+        data.split_examples(kept, 4, seed=1)
+    stats = data.length_stats(examples)
+    assert stats["total"]["longest"] == 80 and stats["total"]["longest_index"] == 4
+    assert stats["total"]["shortest"] == 3 and stats["answer"]["average"] == pytest.approx(sum([4, 49, 9, 2, 79, 6]) / 6)
+
+
+def test_length_aware_batches_cover_every_example_once():
+    examples = [{"token_ids": [0] * n, "prompt_len": 1, "row": i} for i, n in enumerate(range(3, 203))]
+    batches = data.make_batches(examples, 8, seed=0)
+    assert sorted(e["row"] for b in batches for e in b) == list(range(200))
+    spread = [max(len(e["token_ids"]) for e in b) - min(len(e["token_ids"]) for e in b) for b in batches]
+    assert max(spread) <= 7  # sorted by length inside the window: neighbours share a batch
+    budget = data.make_batches(examples, 8, seed=0, tokens_per_batch=300)
+    assert all(len(b) * max(len(e["token_ids"]) for e in b) <= 300 for b in budget)
+    singles = data.make_batches(examples, 1, seed=4)
+    assert all(len(b) == 1 for b in singles) and singles == data.make_batches(examples, 1, seed=4)
+    assert [b[0]["row"] for b in singles] != list(range(200))  # shuffled
+
+
+def test_token_cache_hit_miss_and_corruption(tmp_path, tok, monkeypatch):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([ROW, {"problem": "x"}, {**ROW, "problem": "2+2?"}]))
+    fresh = data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")
+    calls = []
+    original = data.build_examples
+    monkeypatch.setattr(data, "build_examples", lambda *a: calls.append(1) or original(*a))
+    assert data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c") == fresh  # hit: not rebuilt
+    assert calls == []
+    assert fresh[1] == Counter({"missing message_content": 1}) and fresh[2] == 3
+    data.prepare_examples(path, tok, False, cache_dir=tmp_path / "c")  # other flag: miss
+    data.prepare_examples(path, qwen3.load_tokenizer("tiny", "base"), True, cache_dir=tmp_path / "c")  # other variant
+    assert len(calls) == 2
+    path.write_text(json.dumps([ROW]))  # changed content: miss
+    assert len(data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")[0]) == 1
+    assert len(calls) == 3
+    for cache_file in (tmp_path / "c" / "tokenized").glob("*.pt"):
+        cache_file.write_bytes(cache_file.read_bytes()[:40])  # damaged
+    assert data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")[0] == original([ROW], tok, True)[0]
+    assert len(calls) == 4
+
+
+def test_partition_download_falls_back_to_backup_and_is_cached(tmp_path, file_server, monkeypatch):
+    rows = [ROW, ROW]
+    file_server.files["/backup/deepseek-r1-math500.json"] = json.dumps(rows).encode()
+    monkeypatch.setattr(data, "DATA_URLS", [file_server.url + "/primary/{partition}.json",
+                                            file_server.url + "/backup/{partition}.json"])
+    assert data.load_distill_data("deepseek-r1-math500", cache_dir=tmp_path) == rows
+    assert [p for p, _ in file_server.requests] == ["/primary/deepseek-r1-math500.json", "/backup/deepseek-r1-math500.json"]
+    file_server.close()
+    assert data.load_distill_data("deepseek-r1-math500", cache_dir=tmp_path) == rows  # offline: from the cache
+    with pytest.raises(qwen3.DownloadError, match="copy the file"):
+        data.load_distill_data("qwen3-235b-a22b-math500", cache_dir=tmp_path)
+
+
+def test_synthetic_dataset_schema_traces_and_disjoint_split():
+    train, test = data.synth_dataset(300, 50, seed=7)
+    assert len(train) == 300 and len(test) == 50
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    for row in train:
+        terms = [int(t) for t in re.findall(r"\d+", row["problem"])]
+        assert row["gtruth_answer"] == str(sum(terms))
+        assert row["message_content"].endswith(f"\\boxed{{{sum(terms)}}}")
+        steps = re.findall(r"(\d+) \+ (\d+) = (\d+)", row["message_thinking"])
+        assert len(steps) == len(terms) - 1 and all(int(a) + int(b) == int(c) for a, b, c in steps)
+    assert set(test[0]) == {"problem", "answer", "subject", "level", "unique_id"}
+    assert data.synth_dataset(300, 50, seed=7) == (train, test)
+
+
+def test_stats_on_real_rows_with_real_tokenizer(shared_data, real_tokenizer_path, tmp_path, capsys):
+    data.main(["stats", "--data_path", str(shared_data / "deepseek-r1-math-train-sample5.json"),
+               "--tokenizer", str(real_tokenizer_path), "--use_think_tokens", "--max_seq_len", "1000",
+               "--cache_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "rows: 5, usable: 5, skipped: none" in out
+    averages = [int(x) for x in re.findall(r"average (\d+)", out)]
+    assert averages[0] > averages[1] > 100  # total > answer-only
+    kept = int(re.search(r"kept (\d+)", out).group(1))
+    assert 0 < kept < 5
+
+
+def test_synth_command_writes_both_files(tmp_path, capsys):
+    data.main(["synth", "--out", str(tmp_path / "demo"), "--n_train", "20", "--n_test", "5"])
+    assert len(json.loads((tmp_path / "demo" / "train.json").read_text())) == 20
+    assert len(data.load_math500(tmp_path / "demo" / "test.json")) == 5

@@ -1,0 +1,187 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import evaluate
+import qwen3
+from evaluate import extract_answer, grade, is_correct
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (model answer, reference, equal?) grouped by the rule they exercise
+RULES = {
+    "fractions": [(r"\frac{3}{4}", "3/4", True), (r"\dfrac{3}{4}", r"\tfrac34", True), ("(3)/(4)", "0.75", True),
+                  (r"\frac{6}{8}", r"\frac34", True), (r"\frac{3}{5}", r"\frac34", False), (r"\frac 34", "0.75", True)],
+    "decimals": [("0.5", r"\frac12", True), ("0.50", ".5", True), ("0.3333333333", r"\frac13", False),
+                 ("0.15", r"\frac{3}{20}", True), ("3.21", "3.2", False)],
+    "radicals": [(r"\frac{\sqrt{8}}{2}", r"\sqrt2", True), (r"6\sqrt{2}", r"\sqrt{72}", True), (r"\sqrt[3]{8}", "2", True),
+                 (r"2\sqrt{3}", r"3\sqrt{2}", False), ("1.41421356237", r"\sqrt{2}", False)],
+    "pi": [(r"288 \pi", r"288\pi", True), (r"\frac{\pi}{2}", r"\pi/2", True), ("3.14159", r"\pi", False),
+           (r"2\pi", r"\pi", False)],
+    "powers": [("2^{10}", "1024", True), ("x^{2}", "x^2", True), (r"3^{-1}", r"\frac13", True), ("2^3", "9", False)],
+    "algebra": [("(a+5)(b+2)", "ab+2a+5b+10", True), ("15x - 80", "-80+15x", True), (r"\frac{11+9a}{20}", r"\frac{9a+11}{20}", True),
+                ("x^2+1", "x^2-1", False), (r"\sin^2 x + \cos^2 x", "1", True), (r"\log_2 8", "3", True)],
+    "complex": [("6-5i", "6 - 5i", True), ("5i+6", "6 - 5i", False), ("1+274i", "274i+1", True)],
+    "tuples in order": [(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", True), ("(2, 1)", "(1, 2)", False),
+                        ("(1, 2, 3)", "(1, 2)", False), ("(6,31,-1)", "(6, 31, -1)", True), ("(1, 100)", "(1,100)", True)],
+    "intervals": [(r"(5,\infty)", r"(5, \infty)", True), (r"[5,\infty)", r"(5, \infty)", False),
+                  (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,\infty)", True),
+                  (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2]\cup(3,\infty)", False)],
+    "sets and lists": [("-2,1", "1, -2", True), (r"\{1, 2\}", r"\{2,1\}", True), ("3, 5, 7", "3,5", False),
+                       (r"1 \pm \sqrt{19}", r"1-\sqrt{19}, 1+\sqrt{19}", True), (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False)],
+    "equations": [("x = 3", "3", True), ("3", "x=3", True), ("y = -2x", "y=-2x", True), ("2y=-4x", "y = -2x", True),
+                  ("-2x", "y = -2x", True), ("y = 2x", "y = -2x", False), ("x = 4", "3", False)],
+    "matrices": [(r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", r"\begin{pmatrix}-\frac13\\ \frac23 \\ \frac53\end{pmatrix}", True),
+                 (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\left(\frac15, -\frac{18}{5}\right)", True),
+                 (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{bmatrix} 1 & 2 \\ 3 & 5 \end{bmatrix}", False)],
+    "latex noise": [(r"\left(\frac{3}{4}\right)", "3/4", True), (r"10,\!080", "10080", True), ("1,234/2", "617", True),
+                    (r"\$18.90", "18.9", True), (r"50\%", "50", True), ("50%", r"\frac12", False), (r"\!\,3\;", "3", True),
+                    (r"\displaystyle\frac12", "0.5", True), (r"\( \frac{1}{2} + \frac{1}{6} \)", "2/3", True)],
+    "degrees and units": [(r"90^\circ", "90", True), (r"30^{\circ}", "30", True), ("30°", "30", True),
+                          (r"10\text{ cm}^2", "10", True), ("12 inches", "12", True), (r"10 \text{ cm}", "11", False)],
+    "text": [(r"\text{even}", "even", True), (r"\text{Even}", r"\text{odd}", False), (r"\text{(E)}", "E", True),
+             ("(C)", r"\text{(C)}", True), ("B", "(C)", False), ("52_8", "52_8", True), ("52_8", "42", False)],
+    "mixed numbers": [(r"1\frac{4}{5}", r"\frac95", True), (r"2\frac{1}{2}", "2.5", True), (r"1\frac{4}{5}", r"\frac45", False)],
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_checker_rule(rule):
+    wrong = [(pred, ref, want) for pred, ref, want in RULES[rule] if grade(pred, ref) != want]
+    assert not wrong, f"{rule}: {wrong}"
+
+
+@pytest.mark.parametrize("text,answer", [
+    (r"so the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    (r"\boxed{1} then \boxed{\{a, {b}\}}", r"\{a, {b}\}"),
+    (r"first \boxed{3} and finally \boxed 5", "5"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed{2} and then \boxed{unbalanced", "2"),
+    ("The total is 1,234 apples and 5 pears, so 17", "17"),
+    (r"\frac{1}{2}", r"\frac{1}{2}"),
+    ("no numbers here at all, just a long sentence", None),
+    ("", None),
+    (None, None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_is_correct_uses_the_last_box():
+    assert is_correct(r"Maybe \boxed{3}. No wait: \boxed{4}", "4")
+    assert not is_correct(r"Maybe \boxed{4}. No wait: \boxed{3}", "4")
+
+
+HOSTILE = [
+    r"__import__('os').system('touch PWNED')",
+    r"\boxed{__import__('os').system('touch PWNED')}",
+    "exec(\"open('PWNED','w')\")", "eval('1')", "lambda: 1",
+    r"9^{9^{9^{9}}}", "9^9^9^9", r"10^{10^{10}}", r"2^{3^{4^{5}}}", r"(10^{100})!", "99999999999!",
+    r"x^{99999999}", r"(x+1)^{1000000}", r"\sqrt[99999999]{2}", "1e999999",
+    "1" * 100_000, "9" * 5000 + "/" + "7" * 5000,
+    "{" * 10_000 + "1" + "}" * 10_000, "(" * 10_000 + "1" + ")" * 10_000, "-" * 100_000 + "1",
+    r"\sqrt{" * 5000 + "2" + "}" * 5000, r"\frac{" * 3000 + "1",
+    "x" * 1_000_000, r"\boxed{" + "1+" * 300_000 + "1}", "\x00\x01\x02" * 1000, "}{" * 50_000, r"\boxed{\boxed{\boxed{",
+]
+
+
+def test_hostile_answers_are_wrong_and_harmless(tmp_path):
+    # a separate process, bounded from outside: a hang fails the test instead of stalling the suite
+    script = ("import json, sys, evaluate\n"
+              "cases = json.loads(sys.stdin.read())\n"
+              "print(json.dumps([[evaluate.is_correct('\\\\boxed{' + h + '}', ref), evaluate.grade(h, ref)] for h in cases for ref in "
+              "('1', '3', '0', 'x', '10^{10^{10}}')]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(HOSTILE), capture_output=True, text=True,
+                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert len(results) == 5 * len(HOSTILE)
+    # the only "true" allowed: a tower against the identical tower, compared as text
+    assert all(not any(r) for r in results if r != [True, True]) and sum(r == [True, True] for r in results) <= 1
+    assert not list(tmp_path.iterdir())  # no file was created: nothing ran
+
+
+def test_checker_has_no_eval_path():
+    source = (ROOT / "evaluate.py").read_text()
+    for forbidden in ("eval(", "exec(", "sympify(", "parse_expr(", "parse_latex("):
+        assert forbidden not in source.replace("evaluate", "")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    model, tok = qwen3.load_model("tiny", seed=11), qwen3.load_tokenizer("tiny", "base")
+    path = qwen3.save_checkpoint(d / "c.pth", model, tok)
+    _, test = data.synth_dataset(0, 7, seed=3)
+    (d / "test.json").write_text(json.dumps(test))
+    return path, d / "test.json"
+
+
+def run_eval(checkpoint, out, *extra):
+    path, test = checkpoint
+    evaluate.main(["--checkpoint_path", str(path), "--data_path", str(test), "--max_new_tokens", "12",
+                   "--out", str(out), *extra])
+    return [json.loads(l) for l in out.read_text().splitlines()], json.loads(out.with_suffix(".summary.json").read_text())
+
+
+def test_batched_evaluation_equals_batch_size_one(checkpoint, tmp_path):
+    one, summary_one = run_eval(checkpoint, tmp_path / "one.jsonl", "--batch_size", "1")
+    many, summary_many = run_eval(checkpoint, tmp_path / "many.jsonl", "--batch_size", "4")
+    by_index = lambda records: {r["index"]: r["generated_text"] for r in records}
+    assert by_index(one) == by_index(many) and len(one) == 7
+    record = one[0]
+    assert {"index", "unique_id", "subject", "level", "problem", "gtruth_answer", "generated_text", "extracted",
+            "correct", "num_tokens", "truncated"} <= set(record)
+    assert summary_one["num_examples"] == 7 and summary_one["accuracy"] == summary_one["num_correct"] / 7
+    assert set(summary_one["by_subject"]) == {r["subject"] for r in one}
+
+
+def test_resume_generates_only_the_unfinished_problems(checkpoint, tmp_path, monkeypatch):
+    full, _ = run_eval(checkpoint, tmp_path / "full.jsonl")
+    partial = tmp_path / "partial.jsonl"
+    lines = (tmp_path / "full.jsonl").read_text().splitlines()
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # three records and a cut-off fourth
+    with pytest.raises(ValueError, match="exists"):
+        run_eval(checkpoint, partial)
+    generated = []
+    real = qwen3.generate
+    monkeypatch.setattr(qwen3, "generate", lambda model, prompts, *a, **k: generated.extend(prompts) or real(model, prompts, *a, **k))
+    resumed, summary = run_eval(checkpoint, partial, "--resume")
+    assert len(generated) == 4
+    assert sorted(resumed, key=lambda r: r["index"]) == sorted(full, key=lambda r: r["index"])
+    assert summary["num_examples"] == 7
+
+
+def test_grading_a_file_of_generations(tmp_path, capsys):
+    rows = [{"gtruth_answer": "2", "message_content": r"so \boxed{2}"}, {"gtruth_answer": "3", "message_content": r"\boxed{4}"},
+            {"gtruth_answer": r"\frac12", "message_content": r"it is $\boxed{0.5}$"}, {"gtruth_answer": "1", "message_content": None}]
+    (tmp_path / "gen.json").write_text(json.dumps(rows))
+    evaluate.main(["--json_path", str(tmp_path / "gen.json"), "--generated_text", "message_content",
+                   "--out", str(tmp_path / "graded.jsonl")])
+    summary = json.loads((tmp_path / "graded.summary.json").read_text())
+    assert (summary["num_correct"], summary["num_examples"]) == (2, 4)
+    assert "accuracy: 50.0% (2/4)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no field 'answer_text'"):
+        evaluate.main(["--json_path", str(tmp_path / "gen.json"), "--generated_text", "answer_text"])
+
+
+def test_teacher_rows_grade_correct(shared_data):
+    rows = data.read_rows(shared_data / "deepseek-r1-math-train-sample5.json")
+    assert all(is_correct(r["message_content"], r["gtruth_answer"]) for r in rows)
+
+
+def test_math500_references_equal_themselves_and_their_solutions(shared_data):
+    rows = data.read_rows(shared_data / "math500_test.json")
+    assert all(grade(r["answer"], r["answer"]) for r in rows)
+    agree = sum(is_correct(r["solution"], r["answer"]) for r in rows)
+    assert agree >= 480  # the worked solutions box the reference answer (a few box it differently)
+
+
+def test_wilson_interval():
+    low, high = evaluate.wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert evaluate.wilson_interval(0, 10)[0] == 0.0
