@@ -151,7 +151,7 @@ def bench_data(args):
             "cold_tokens_per_sec": tokens / cold}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", choices=["train", "generate", "data"])
     p.add_argument("--model", default="tiny", help="'tiny', a Hub repo id or a local directory")
@@ -173,7 +173,11 @@ def main(argv=None):
     p.add_argument("--repeat_thinking", type=int, default=2, help="data: make rows longer, like the real ~9 kB rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print all figures as JSON on the last line")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     if args.mode == "data":
         result = bench_data(args)

@@ -301,7 +301,7 @@ def synth_problem(rng, n_terms):
     return f"What is {lines[0]}?", str(terms[0]), "\n".join(lines)
 
 
-def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=6):
+def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
     """(train rows in the teacher schema, test rows in the MATH-500 schema), no problem in both."""
     rng = random.Random(seed)
     test, seen = [], set()
@@ -325,7 +325,7 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=6):
 # Command line
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Teacher data statistics and the offline synthetic dataset.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -341,10 +341,16 @@ def main(argv=None):
     y.add_argument("--n_train", type=int, default=4000)
     y.add_argument("--n_test", type=int, default=200)
     y.add_argument("--seed", type=int, default=123)
-    args = p.parse_args(argv)
+    y.add_argument("--min_terms", type=int, default=3, help="fewest numbers to add in a problem")
+    y.add_argument("--max_terms", type=int, default=3, help="most numbers to add (longer sums take the tiny model longer to learn)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     if args.cmd == "synth":
-        train, test = synth_dataset(args.n_train, args.n_test, args.seed)
+        train, test = synth_dataset(args.n_train, args.n_test, args.seed, args.min_terms, args.max_terms)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.json").write_text(json.dumps(train, indent=1))

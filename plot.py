@@ -99,14 +99,18 @@ def save(fig, out, show):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("paths", nargs="+", help="metrics CSVs (loss curves) or, with --accuracy, evaluate.py summary JSONs")
     p.add_argument("--accuracy", action="store_true", help="bar chart of accuracies (with 95%% CI and per subject)")
     p.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
     p.add_argument("--out", default=None, help="image file (default: loss.png, or accuracy.png with --accuracy)")
     p.add_argument("--show", action="store_true", help="also open a window (needs a display)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.labels and len(args.labels) != len(args.paths):
         raise ValueError(f"{len(args.labels)} labels for {len(args.paths)} files")
     for path in args.paths:

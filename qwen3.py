@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -625,7 +626,13 @@ def save_checkpoint(path, model, tokenizer, **extra):
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict, never unpickling anything but tensors and plain data."""
+    """The checkpoint dict, never unpickling anything but tensors and plain data.
+    A run directory stands for its latest epoch checkpoint."""
+    if Path(path).is_dir():
+        epochs = sorted(Path(path).glob("*-step*-epoch*.pth"), key=lambda p: int(re.search(r"-step(\d+)-", p.name).group(1)))
+        if not epochs:
+            raise FileNotFoundError(f"no epoch checkpoint (*-step*-epoch*.pth) in {path}")
+        path = epochs[-1]
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -680,7 +687,7 @@ def pick_device(name="auto"):
 # Command line: chat with a model or a checkpoint (streamed), export a checkpoint to the HF layout
 
 
-def main(argv=None):
+def parse_args(argv=None):
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -698,7 +705,11 @@ def main(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint_path")
     e.add_argument("out_dir")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.cmd == "export":
         model, tok, _ = load_checkpoint(args.checkpoint_path)
         print(f"wrote {export_hf(model, tok, args.out_dir)}")

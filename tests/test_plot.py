@@ -1,0 +1,49 @@
+import csv
+import json
+
+import pytest
+
+import plot
+
+
+def test_reference_logs_render_and_summary_rows_stay_out_of_the_train_curve(shared_data, tmp_path):
+    path = shared_data / "deepseek-r1-2048_distill_metrics.csv"
+    rows, steps, spans = plot.read_metrics(path)
+    assert len(rows) == 403 and len(steps) == 400  # three end-of-epoch rows (epoch means) are left out
+    assert spans == [(1, 0, 6682.0), (2, 6682.0, 13364.0), (3, 13364.0, 20046.0)]
+    plot.main([str(path), str(shared_data / "qwen3-235b-a22-b-2048_distill_metrics.csv"), "--labels", "R1", "235B",
+               "--out", str(tmp_path / "ref.png")])
+    assert (tmp_path / "ref.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_own_csv_with_extra_columns(tmp_path):
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s"])
+        w.writerows([[1, 2, 3.0, 2.5, 1e-3, 100, 1], [1, 4, 2.0, 1.5, 1e-3, 100, 2], [1, 4, 2.5, 1.5, 1e-3, 100, 2],
+                     [2, 6, 1.0, 1.2, 1e-3, 100, 3], [2, 8, 0.8, 1.0, 1e-3, 100, 4], [2, 8, 0.9, 1.0, 1e-3, 100, 4]])
+    rows, steps, spans = plot.read_metrics(path)
+    assert [r["train_loss"] for r in steps] == [3.0, 2.0, 1.0, 0.8] and spans == [(1, 0, 4.0), (2, 4.0, 8.0)]
+    plot.main([str(path), "--out", str(tmp_path / "loss.png")])
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_accuracy_chart(tmp_path):
+    for name, acc in (("before", 0.1), ("after", 0.6)):
+        (tmp_path / f"{name}.summary.json").write_text(json.dumps({
+            "accuracy": acc, "num_correct": int(acc * 10), "num_examples": 10, "ci95": [acc / 2, min(1, acc * 1.5)],
+            "by_subject": {"Algebra": {"accuracy": acc}, "Geometry": {"accuracy": acc / 2}}}))
+    plot.main(["--accuracy", str(tmp_path / "before.summary.json"), str(tmp_path / "after.summary.json"),
+               "--out", str(tmp_path / "acc.png")])
+    assert (tmp_path / "acc.png").stat().st_size > 10_000
+
+
+def test_bad_input(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a metrics CSV"):
+        plot.main([str(tmp_path / "x.csv"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(FileNotFoundError):
+        plot.main([str(tmp_path / "nope.csv")])
+    with pytest.raises(ValueError, match="2 labels for 1 files"):
+        plot.main([str(tmp_path / "x.csv"), "--labels", "a", "b"])
