@@ -185,8 +185,7 @@ def main(argv=None):
               f"cold {result['cold_s']:.1f} s, cached {result['cached_s']:.2f} s")
     else:
         device = qwen3.pick_device(args.device)
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                 "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+        dtype = qwen3.pick_dtype(args.dtype, device)
         model = qwen3.load_model(args.model, device, dtype, seed=args.seed)
         if args.compile:
             for block in model.layers:

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sympy
-import torch
 
 import data
 import qwen3
@@ -78,7 +77,7 @@ def extract_answer(text):
 # -----------------------------------------------------------------------------
 # Normalisation of LaTeX answers (string level)
 
-UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "centimeters", "m", "meters", "km", "kilometers", "mm",
+UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "centimeters", "meters", "km", "kilometers", "mm",
               "inches", "inch", "in", "feet", "foot", "ft", "yards", "miles", "mph", "degrees", "degree", "dollars",
               "cents", "hours", "hour", "minutes", "minute", "seconds", "second", "days", "day", "weeks", "years",
               "pounds", "ounces", "grams", "kg", "liters", "people", "ways", "points", "students", "cups")
@@ -462,8 +461,10 @@ def answers_equal(pred, ref):
         ka, pa = "seq", (pb[0], [r[0] for r in pa])
     if kb == "matrix" and ka == "seq" and all(len(r) == 1 for r in pb):
         kb, pb = "seq", (pa[0], [r[0] for r in pb])
-    if ka != kb:
-        return ka in ("list", "set") and kb in ("list", "set") and _same_multiset(pa, pb)
+    if ka != kb:  # a bare list of solutions may come back as a set or in parentheses: order is not asked for
+        items = lambda kind, payload: payload[1] if kind == "seq" else payload
+        unordered = {"list", "set", "seq"}
+        return ka in unordered and kb in unordered and "list" in (ka, kb) and _same_multiset(items(ka, pa), items(kb, pb))
     if ka == "expr":
         return scalar_equal(pa, pb)
     if ka == "seq":
@@ -609,8 +610,7 @@ def cross_check(records):
 def generate_records(args, rows, done, out_file):
     """Generate, grade and append a record for every row not in `done`; returns (records, seconds)."""
     device = qwen3.pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = qwen3.pick_dtype(args.dtype, device)
     if args.checkpoint_path:
         model, tok, _ = qwen3.load_checkpoint(args.checkpoint_path, device, dtype)
     else:

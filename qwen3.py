@@ -122,8 +122,7 @@ class KVCache:
         index = positions[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
-        kv_len = int(positions.max()) + 1
-        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        return self.k[layer][:, :, :self.filled], self.v[layer][:, :, :self.filled]
 
     def keep(self, rows):
         """Drop finished rows so that they cost no more compute."""
@@ -202,6 +201,8 @@ class Qwen3(nn.Module):
         """Final-norm hidden states [B, T, hidden]. With a cache, positions [B, T] say where each token goes."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if cache is not None:
+            cache.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward, not per layer)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
@@ -673,6 +674,13 @@ def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
         torch.manual_seed(seed)
         return Qwen3(TINY).to(device=device, dtype=dtype).eval()
     return from_pretrained(name, device, dtype, cache_dir)
+
+
+def pick_dtype(name, device):
+    """'auto': bfloat16 on CUDA (as the reference keeps the model), float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def pick_device(name="auto"):

@@ -146,8 +146,7 @@ def main(argv=None):
     args, resume_state = prepare_out_dir(parse_args(argv))
     out = Path(args.out_dir)
     device = qwen3.pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = qwen3.pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     model = qwen3.load_model(args.model, device, dtype, args.cache_dir, args.seed)
     tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
