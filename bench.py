@@ -170,7 +170,7 @@ def parse_args(argv=None):
     p.add_argument("--sample_rows", default=str(Path(__file__).parent / "tests" / "data" / "teacher_sample.json"),
                    help="data: real teacher rows to build the 12,000-row file from")
     p.add_argument("--rows", type=int, default=12000)
-    p.add_argument("--repeat_thinking", type=int, default=2, help="data: make rows longer, like the real ~9 kB rows")
+    p.add_argument("--repeat_thinking", type=int, default=3, help="data: repeat each trace to reach the real rows' ~9 kB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print all figures as JSON on the last line")
     return p.parse_args(argv)

@@ -102,6 +102,26 @@ def step_loss(model, step, per_example_mean, device, backward=True):
     return total, tokens
 
 
+def optimizer_step(model, optimizer, step, args, device, pos):
+    """Forward, backward, clip and update for one step; stop cleanly on out-of-memory or a non-finite loss."""
+    examples = [e for batch in step for e in batch]
+    try:
+        loss, tokens = step_loss(model, step, args.per_example_mean, device)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of memory at step {pos['total_steps'] + 1} ({len(examples)} examples, longest "
+                         f"{max(len(e['token_ids']) for e in examples)} tokens): lower --batch_size or --tokens_per_batch "
+                         "or --max_seq_len, or add --grad_checkpointing")
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: non-finite loss {loss} at step {pos['total_steps'] + 1} (epoch {pos['epoch']}), data rows "
+                         f"{[e['row'] for e in examples]}; stopped without saving. Last good checkpoint: "
+                         f"{pos['last_checkpoint'] or 'none'}")
+    if args.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens
+
+
 @torch.no_grad()
 def validation_loss(model, val, args, device):
     """Mean over validation examples of each example's answer loss (the reference's val loss)."""
@@ -205,20 +225,7 @@ def main(argv=None):
         epoch = pos["epoch"]
         steps = optimizer_steps(train, args, epoch)
         for step in steps[pos["step_in_epoch"]:]:
-            try:
-                loss, tokens = step_loss(model, step, args.per_example_mean, device)
-            except torch.OutOfMemoryError:
-                raise SystemExit(f"error: out of memory at step {pos['total_steps'] + 1} ({sum(map(len, step))} examples, "
-                                 f"longest {max(len(e['token_ids']) for b in step for e in b)} tokens): lower --batch_size "
-                                 "or --tokens_per_batch or --max_seq_len, or add --grad_checkpointing")
-            if not math.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss {loss} at step {pos['total_steps'] + 1} (epoch {epoch}), data rows "
-                                 f"{[e['row'] for b in step for e in b]}; stopped without saving. Last good checkpoint: "
-                                 f"{pos['last_checkpoint'] or 'none'}")
-            if args.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, tokens = optimizer_step(model, optimizer, step, args, device, pos)
             pos["step_in_epoch"] += 1
             pos["total_steps"] += 1
             pos["elapsed_s"] = time.time() - t0

@@ -300,3 +300,12 @@ def test_hub_download_once_then_offline(tmp_path, file_server, monkeypatch, tiny
     torch.testing.assert_close(again(ids), model(ids))
     with pytest.raises(qwen3.DownloadError, match="download config.json, tokenizer.json and model"):
         qwen3.from_pretrained("Org/Other", cache_dir=tmp_path / "cache")
+
+
+def test_import_pulls_in_no_optional_packages():
+    import subprocess
+    import sys
+    code = ("import sys, qwen3; print([m for m in ('requests', 'safetensors', 'tokenizers', 'matplotlib', 'sympy', "
+            "'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=qwen3.Path(qwen3.__file__).parent)
+    assert out.stdout.strip() == "[]", out.stderr

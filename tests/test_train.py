@@ -155,3 +155,15 @@ def test_non_finite_loss_stops_and_names_the_step(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(qwen3, "answer_loss", poisoned)
     with pytest.raises(SystemExit, match=r"non-finite loss nan at step \d+ .*data rows \[\d+\].*Last good checkpoint: .*epoch1.pth"):
         train.main(run_args(synth, tmp_path / "run", "--log_every", "100"))
+
+
+def test_gradient_accumulation_token_budget_and_checkpointing_flags(synth, tmp_path):
+    train.main(run_args(synth, tmp_path / "run", "--epochs", "1", "--batch_size", "4", "--grad_accum", "2",
+                        "--tokens_per_batch", "600", "--per_example_mean", "--grad_checkpointing"))
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    examples, _, _ = data.prepare_examples(synth, qwen3.load_tokenizer("tiny", "base"), False, tmp_path / "cache")
+    train_examples, _ = data.split_examples(examples, 6, 42)
+    batches = data.make_batches(train_examples, 4, 42 * 1000 + 1, 600)
+    assert all(len(b) * max(len(e["token_ids"]) for e in b) <= 600 or len(b) == 1 for b in batches)
+    assert int(rows[-1]["total_steps"]) == math.ceil(len(batches) / 2)
+    assert math.isfinite(float(rows[-1]["val_loss"]))
