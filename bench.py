@@ -2,7 +2,7 @@
 Benchmarks on synthetic inputs: training throughput / MFU / memory, generation throughput, data preparation.
 
     python bench.py train --model tiny --batch_size 16 --seq_len 256 --compare
-    python bench.py train --model Qwen/Qwen3-0.6B-Base --device cuda --dtype bfloat16 --batch_size 8 --seq_len 2048
+    python bench.py train --model random-0.6B --device cuda --batch_size 8 --seq_len 2048 --compare
     python bench.py generate --model tiny --batch_size 16 --compare
     python bench.py data --tokenizer ../shared/qwen3-tokenizer/tokenizer.json
 --json prints every figure as one JSON object on the last line.
@@ -11,7 +11,6 @@ import argparse
 import json
 import random
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,7 +153,7 @@ def bench_data(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", choices=["train", "generate", "data"])
-    p.add_argument("--model", default="tiny", help="'tiny', a Hub repo id or a local directory")
+    p.add_argument("--model", default="tiny", help="'tiny', 'random-0.6B' (Qwen3-0.6B shape, no download), a Hub repo id or a local directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda")
     p.add_argument("--batch_size", type=int, default=16)

@@ -293,12 +293,14 @@ def describe_skipped(skipped):
 
 
 def synth_problem(rng, n_terms):
+    """(problem, answer, trace, carries): carries counts the steps whose sum passes a multiple of ten."""
     terms = [rng.randint(1, 9) for _ in range(n_terms)]
-    lines = [" + ".join(map(str, terms))]
+    lines, carries = [" + ".join(map(str, terms))], 0
     while len(terms) > 1:
+        carries += (terms[0] % 10) + terms[1] >= 10
         terms = [terms[0] + terms[1]] + terms[2:]
         lines.append("= " + " + ".join(map(str, terms)))
-    return f"What is {lines[0]}?", str(terms[0]), "\n".join(lines)
+    return f"What is {lines[0]}?", str(terms[0]), "\n".join(lines), carries
 
 
 def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
@@ -307,14 +309,14 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
     test, seen = [], set()
     while len(test) < n_test:
         n = rng.randint(min_terms, max_terms)
-        problem, answer, _ = synth_problem(rng, n)
-        if problem not in seen:
+        problem, answer, _, carries = synth_problem(rng, n)
+        if problem not in seen:  # level: 1 + the number of carries, the harder additions
             seen.add(problem)
-            test.append({"problem": problem, "answer": answer, "subject": f"{n} terms", "level": n - min_terms + 1,
+            test.append({"problem": problem, "answer": answer, "subject": f"{n} terms", "level": 1 + carries,
                          "unique_id": f"synth/test/{len(test)}"})
     train = []
     while len(train) < n_train:
-        problem, answer, trace = synth_problem(rng, rng.randint(min_terms, max_terms))
+        problem, answer, trace, _ = synth_problem(rng, rng.randint(min_terms, max_terms))
         if problem not in seen:
             train.append({"problem": problem, "gtruth_answer": answer, "message_thinking": trace,
                           "message_content": f"The sum is {answer}.\n\n\\boxed{{{answer}}}"})

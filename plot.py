@@ -71,7 +71,7 @@ def plot_accuracy(paths, labels, out, show):
     for n, (s, label) in enumerate(zip(summaries, labels)):
         acc, (low, high) = 100 * s["accuracy"], s.get("ci95", [s["accuracy"]] * 2)
         overall.bar(n, acc, color=f"C{n}", yerr=[[acc - 100 * low], [100 * high - acc]], capsize=4)
-        overall.text(n, acc + 1, f"{acc:.1f}%", ha="center", va="bottom")
+        overall.text(n, 100 * high + 1, f"{acc:.1f}%", ha="center", va="bottom")
         width = 0.8 / len(summaries)
         per_subject.bar([k + (n - (len(summaries) - 1) / 2) * width for k in range(len(subjects))],
                         [100 * s.get("by_subject", {}).get(sub, {}).get("accuracy", 0) for sub in subjects],

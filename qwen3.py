@@ -10,7 +10,6 @@ per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU 
 """
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -43,7 +42,8 @@ class Qwen3Config:
 
     @classmethod
     def from_hf(cls, hf: dict):
-        """Build from a Hugging Face config.json dict (any dense Qwen3 size)."""
+        """Build from a Hugging Face config.json dict (any dense Qwen3 size); absent keys take the
+        defaults of transformers' Qwen3Config, so both read a file the same way."""
         if hf.get("model_type", "qwen3") != "qwen3":
             raise ValueError(f"expected a dense Qwen3 config, got model_type={hf.get('model_type')!r}")
         if hf.get("hidden_act", "silu") != "silu":
@@ -51,6 +51,8 @@ class Qwen3Config:
         rope = hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"unsupported rope_scaling {rope}")
+        if hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window) is not supported")
         # newer transformers versions nest rope_theta under rope_parameters
         rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         return cls(
@@ -59,8 +61,8 @@ class Qwen3Config:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads", 32) or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim", 128),
             rope_theta=float(rope_theta),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
@@ -110,9 +112,11 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer."""
+    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer;
+    `filled` (set by each forward) is the prefix length that attention reads."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
+        self.filled = 0
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -137,7 +141,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
@@ -394,8 +398,8 @@ def tiny_tokenizer_json():
 
 
 def load_tokenizer(name_or_path, kind="base", cache_dir=None):
-    """Tokenizer from a repo id, a local model directory, a tokenizer.json file, or 'tiny'."""
-    if name_or_path == "tiny":
+    """Tokenizer from a repo id, a local model directory, a tokenizer.json file, or 'tiny' / 'random-0.6B'."""
+    if name_or_path in ("tiny", "random-0.6B"):  # the random models use the byte-level tokenizer
         return Tokenizer(tiny_tokenizer_json(), kind)
     path = Path(name_or_path)
     if path.is_file():
@@ -668,11 +672,15 @@ def load_weights(model, state, path):
         model.load_state_dict(state["model"])
 
 
+RANDOM_CONFIGS = {"tiny": TINY, "random-0.6B": Qwen3Config()}  # random init: tests, the walkthrough, benchmarks
+
+
 def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
-    """'tiny' (random init, seeded), a Hub repo id or a local directory."""
-    if name == "tiny":
+    """'tiny' or 'random-0.6B' (the 0.6B shape, random init, seeded), a Hub repo id or a local directory."""
+    if name in RANDOM_CONFIGS:
         torch.manual_seed(seed)
-        return Qwen3(TINY).to(device=device, dtype=dtype).eval()
+        with torch.device(device):
+            return Qwen3(RANDOM_CONFIGS[name]).to(dtype=dtype).eval()
     return from_pretrained(name, device, dtype, cache_dir)
 
 

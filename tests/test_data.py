@@ -3,7 +3,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 
 import data
 import qwen3

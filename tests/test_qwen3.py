@@ -1,6 +1,5 @@
 import json
 import math
-import pickle
 
 import pytest
 import torch
@@ -15,6 +14,9 @@ CONFIGS = [  # GQA ratios, tied and untied heads, head_dim != hidden / heads
          num_key_value_heads=1, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False),
     dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
          num_key_value_heads=2, head_dim=24, rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    dict(vocab_size=270, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=12, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+         attention_bias=True),
 ]
 
 
@@ -28,6 +30,9 @@ def random_official_weights(cfg, seed):
         w["lm_head.weight"] = r(cfg["vocab_size"], h)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if cfg.get("attention_bias"):
+            w.update({p + f"self_attn.{n}_proj.bias": r(size) for n, size in
+                      (("q", hq * d), ("k", hk * d), ("v", hk * d), ("o", h))})
         w.update({p + "input_layernorm.weight": 1 + r(h), p + "post_attention_layernorm.weight": 1 + r(h),
                   p + "self_attn.q_proj.weight": r(hq * d, h), p + "self_attn.k_proj.weight": r(hk * d, h),
                   p + "self_attn.v_proj.weight": r(hk * d, h), p + "self_attn.o_proj.weight": r(h, hq * d),
@@ -58,9 +63,10 @@ def naive_reference_logits(w, cfg, ids):
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         hdn = rms(x, w[p + "input_layernorm.weight"])
-        q = hdn @ w[p + "self_attn.q_proj.weight"].T
-        k = hdn @ w[p + "self_attn.k_proj.weight"].T
-        v = hdn @ w[p + "self_attn.v_proj.weight"].T
+        bias = lambda n: w.get(p + f"self_attn.{n}_proj.bias", 0)
+        q = hdn @ w[p + "self_attn.q_proj.weight"].T + bias("q")
+        k = hdn @ w[p + "self_attn.k_proj.weight"].T + bias("k")
+        v = hdn @ w[p + "self_attn.v_proj.weight"].T + bias("v")
         heads = []
         for hq in range(cfg["num_attention_heads"]):
             hk = hq // group
@@ -69,7 +75,7 @@ def naive_reference_logits(w, cfg, ids):
             scores = qh @ kh.T / math.sqrt(d)
             scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -math.inf)
             heads.append(torch.softmax(scores, -1) @ v[:, hk * d:(hk + 1) * d])
-        x = x + torch.cat(heads, -1) @ w[p + "self_attn.o_proj.weight"].T
+        x = x + torch.cat(heads, -1) @ w[p + "self_attn.o_proj.weight"].T + bias("o")
         hdn = rms(x, w[p + "post_attention_layernorm.weight"])
         gate, up = hdn @ w[p + "mlp.gate_proj.weight"].T, hdn @ w[p + "mlp.up_proj.weight"].T
         x = x + (gate * torch.sigmoid(gate) * up) @ w[p + "mlp.down_proj.weight"].T
@@ -119,7 +125,7 @@ def test_config_reads_nested_rope_parameters_and_defaults():
     cfg = qwen3.Qwen3Config.from_hf({**hf, "rope_parameters": {"rope_theta": 1234.0, "rope_type": "default"}})
     assert cfg.rope_theta == 1234.0 and cfg.head_dim == 32
     no_head_dim = {k: v for k, v in hf.items() if k != "head_dim"}
-    assert qwen3.Qwen3Config.from_hf(no_head_dim).head_dim == 64 // 4
+    assert qwen3.Qwen3Config.from_hf(no_head_dim).head_dim == 128  # transformers' default, not hidden / heads
     with pytest.raises(ValueError, match="rope_scaling"):
         qwen3.Qwen3Config.from_hf({**CONFIGS[0], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
