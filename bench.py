@@ -208,4 +208,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
+        raise SystemExit(f"error: {err}")

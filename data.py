@@ -339,7 +339,8 @@ def parse_args(argv=None):
     s.add_argument("--max_seq_len", type=int, default=None, help="also report what a length filter keeps")
     s.add_argument("--cache_dir", default=None, help="downloads and token cache (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
     y = sub.add_parser("synth", help="write an offline synthetic dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    y.add_argument("--out", required=True, help="directory for train.json (teacher schema) and test.json (MATH-500 schema)")
+    y.add_argument("--out", "--out_dir", dest="out", required=True,
+                   help="directory for train.json (teacher schema) and test.json (MATH-500 schema)")
     y.add_argument("--n_train", type=int, default=4000)
     y.add_argument("--n_test", type=int, default=200)
     y.add_argument("--seed", type=int, default=123)

@@ -402,9 +402,11 @@ def load_tokenizer(name_or_path, kind="base", cache_dir=None):
     if name_or_path in ("tiny", "random-0.6B"):  # the random models use the byte-level tokenizer
         return Tokenizer(tiny_tokenizer_json(), kind)
     path = Path(name_or_path)
-    if path.is_file():
-        return Tokenizer(path.read_text(encoding="utf-8"), kind)
-    return Tokenizer((resolve_model_dir(name_or_path, cache_dir) / "tokenizer.json").read_text(encoding="utf-8"), kind)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    elif not path.is_file():  # a Hub repo id: fetch tokenizer.json alone, not the weights
+        path = hub_files(str(name_or_path), ["tokenizer.json"], cache_dir)[0]
+    return Tokenizer(path.read_text(encoding="utf-8"), kind)
 
 
 # -----------------------------------------------------------------------------
@@ -515,6 +517,21 @@ def _complete(d: Path):
     return index.exists() and all((d / f).exists() for f in set(json.loads(index.read_text())["weight_map"].values()))
 
 
+def hub_files(repo, files, cache_dir=None):
+    """Local paths of files from a Hub repo, downloaded once into the cache (a second run makes no request)."""
+    if repo.count("/") != 1:
+        raise FileNotFoundError(f"{repo!r} is neither a local path nor a Hugging Face repo id like 'Qwen/Qwen3-0.6B-Base'")
+    d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
+    try:
+        return [d / f if (d / f).exists() else download(HF_URL.format(repo=repo, file=f), d / f) for f in files]
+    except DownloadError as e:
+        if "HTTP 404" in str(e) and files == ["model.safetensors.index.json"]:
+            raise  # the caller's probe for a sharded checkpoint
+        raise DownloadError(f"{e}\nCould not fetch {repo} from the Hugging Face Hub. On a machine with internet, download "
+                            f"config.json, tokenizer.json and model*.safetensors from https://huggingface.co/{repo} "
+                            f"into {d} (or any directory, and pass that directory instead of the repo id).") from None
+
+
 def resolve_model_dir(name_or_dir, cache_dir=None):
     """A local model directory for a path or a Hub repo id, downloading what is missing (once)."""
     if Path(name_or_dir).is_dir():
@@ -524,29 +541,18 @@ def resolve_model_dir(name_or_dir, cache_dir=None):
                                     "and model.safetensors (or model.safetensors.index.json with its shards)")
         return d
     repo = str(name_or_dir)
-    if repo.count("/") != 1:
-        raise FileNotFoundError(f"{repo!r} is neither a local directory nor a Hugging Face repo id like 'Qwen/Qwen3-0.6B-Base'")
     d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
     if _complete(d):
-        return d  # no network calls on a second run
-    try:
-        for f in ("config.json", "tokenizer.json"):
-            if not (d / f).exists():
-                download(HF_URL.format(repo=repo, file=f), d / f)
-        try:
-            index = download(HF_URL.format(repo=repo, file="model.safetensors.index.json"), d / "model.safetensors.index.json")
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except DownloadError as e:
-            if "HTTP 404" not in str(e):
-                raise
-            shards = ["model.safetensors"]
-        for f in shards:
-            if not (d / f).exists():
-                download(HF_URL.format(repo=repo, file=f), d / f)
+        return d
+    hub_files(repo, ["config.json", "tokenizer.json"], cache_dir)
+    try:  # sharded checkpoints have an index; single-file ones answer 404
+        index = hub_files(repo, ["model.safetensors.index.json"], cache_dir)[0]
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except DownloadError as e:
-        raise DownloadError(f"{e}\nCould not fetch {repo} from the Hugging Face Hub. On a machine with internet, download "
-                            f"config.json, tokenizer.json and model*.safetensors from https://huggingface.co/{repo} "
-                            f"into {d} (or any directory, and pass that directory instead of the repo id).") from None
+        if "HTTP 404" not in str(e):
+            raise
+        shards = ["model.safetensors"]
+    hub_files(repo, shards, cache_dir)
     return d
 
 

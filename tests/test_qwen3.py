@@ -296,6 +296,9 @@ def test_hub_download_once_then_offline(tmp_path, file_server, monkeypatch, tiny
     for f in src.iterdir():
         file_server.files[f"/Org/Model/resolve/main/{f.name}"] = f.read_bytes()
     monkeypatch.setattr(qwen3, "HF_URL", file_server.url + "/{repo}/resolve/main/{file}")
+    tok = qwen3.load_tokenizer("Org/Model", "reasoning", cache_dir=tmp_path / "cache")
+    assert [path for path, _ in file_server.requests] == ["/Org/Model/resolve/main/tokenizer.json"]  # no weights
+    assert tok.encode("Hi") == qwen3.load_tokenizer(src, "reasoning").encode("Hi")
     model = qwen3.from_pretrained("Org/Model", cache_dir=tmp_path / "cache")
     assert any(path.endswith("model.safetensors.index.json") for path, _ in file_server.requests)  # probed, 404
     n = len(file_server.requests)
