@@ -54,7 +54,7 @@ def synthetic_examples(n, seq_len, vocab_size, seed):
 
 def reference_step_loss(model, example, device):
     """The reference's loss: full logits of one example, cross-entropy from prompt_len - 1 on."""
-    ids = torch.tensor(example["token_ids"], device=device)[None]
+    ids = torch.as_tensor(example["token_ids"], device=device).long()[None]
     logits = model(ids[:, :-1])
     start = example["prompt_len"] - 1
     return F.cross_entropy(logits[0, start:].float(), ids[0, start + 1:])

@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import sys
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def format_example(row, use_think_tokens):
 
 
 def build_examples(rows, tokenizer, use_think_tokens):
-    """Examples {token_ids: prompt ids + target ids + [eos], prompt_len} and a Counter of skip reasons.
+    """Examples {token_ids: prompt ids + target ids + [eos] (an int32 tensor), prompt_len} and a Counter of
+    skip reasons.
 
     Index i of a skipped row is simply absent; each example keeps its row index in 'row'.
     """
@@ -152,9 +154,15 @@ def build_examples(rows, tokenizer, use_think_tokens):
         except ValueError as reason:
             skipped[str(reason)] += 1
     prompts = tokenizer.encode_batch([tokenizer.wrap(p) for _, p, _ in texts])
-    targets = tokenizer.encode_batch([t for _, _, t in texts])
-    examples = [{"token_ids": p + t + [tokenizer.eos_token_id], "prompt_len": len(p), "row": i}
-                for (i, _, _), p, t in zip(texts, prompts, targets)]
+    targets, bar = [], qwen3.Progress(len(texts), "tokenize", unit="rows")
+    for s in range(0, len(texts), 256):  # chunks: a progress bar, and faster than one huge batch
+        targets += tokenizer.encode_batch([t for _, _, t in texts[s:s + 256]])
+        bar.update(len(texts[s:s + 256]))
+    bar.close()
+    # int32 tensors, not lists of Python ints: a twentieth of the memory, and the token cache loads as views
+    # (array -> tensor is three times faster than torch.tensor(list))
+    examples = [{"token_ids": torch.frombuffer(array("i", p + t + [tokenizer.eos_token_id]), dtype=torch.int32),
+                 "prompt_len": len(p), "row": i} for (i, _, _), p, t in zip(texts, prompts, targets)]
     return examples, skipped
 
 
@@ -182,7 +190,7 @@ def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None, use
 def _write_token_cache(cache_file, key, examples, skipped, num_rows):
     lengths = torch.tensor([len(e["token_ids"]) for e in examples], dtype=torch.int64)
     state = {"key": key, "num_rows": num_rows, "skipped": dict(skipped),
-             "tokens": torch.tensor([t for e in examples for t in e["token_ids"]], dtype=torch.int32),
+             "tokens": torch.cat([e["token_ids"] for e in examples]) if examples else torch.zeros(0, dtype=torch.int32),
              "lengths": lengths, "prompt_lens": torch.tensor([e["prompt_len"] for e in examples], dtype=torch.int64),
              "rows": torch.tensor([e["row"] for e in examples], dtype=torch.int64)}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +212,7 @@ def _read_token_cache(cache_file, key):
         print(f"token cache {cache_file} is stale or damaged: rebuilding", file=sys.stderr)
         return None
     chunks = torch.split(state["tokens"], lengths)
-    examples = [{"token_ids": c.tolist(), "prompt_len": p, "row": r}
+    examples = [{"token_ids": c, "prompt_len": p, "row": r}
                 for c, p, r in zip(chunks, state["prompt_lens"].tolist(), state["rows"].tolist())]
     return examples, Counter(state["skipped"]), state["num_rows"]
 
@@ -275,7 +283,7 @@ def collate(batch, device="cpu"):
     targets = torch.zeros(len(batch), width, dtype=torch.long)
     loss_mask = torch.zeros(len(batch), width, dtype=torch.bool)
     for i, e in enumerate(batch):
-        ids = torch.tensor(e["token_ids"])
+        ids = torch.as_tensor(e["token_ids"])
         n = len(ids) - 1
         input_ids[i, :n], targets[i, :n] = ids[:-1], ids[1:]
         loss_mask[i, e["prompt_len"] - 1:n] = True

@@ -377,7 +377,7 @@ class Tokenizer:
 
     def encode_batch(self, texts):
         """Unwrapped ids for many texts at once, on all CPU cores."""
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: 2x faster
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)

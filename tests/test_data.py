@@ -55,11 +55,11 @@ def test_sequence_layout(tok):
     (example,), _ = data.build_examples([ROW], tok, True)
     prompt_ids = tok.encode(data.render_prompt(ROW["problem"]))
     target_ids = tok.encode(data.format_distilled_answer(ROW, True), chat_wrapped=False)
-    assert example["token_ids"] == prompt_ids + target_ids + [tok.eos_token_id]
+    assert example["token_ids"].tolist() == prompt_ids + target_ids + [tok.eos_token_id]
     assert example["prompt_len"] == len(prompt_ids)
     input_ids, targets, mask = data.collate([example])
     n = len(example["token_ids"]) - 1
-    assert input_ids[0].tolist() == example["token_ids"][:-1] and targets[0].tolist() == example["token_ids"][1:]
+    assert input_ids[0].tolist() == example["token_ids"][:-1].tolist() and targets[0].tolist() == example["token_ids"][1:].tolist()
     assert mask[0].nonzero().squeeze(1).tolist() == list(range(len(prompt_ids) - 1, n))
     assert targets[0][mask[0]].tolist() == target_ids + [tok.eos_token_id]  # exactly the answer tokens
 
@@ -124,10 +124,11 @@ def test_token_cache_hit_miss_and_corruption(tmp_path, tok, monkeypatch):
     path = tmp_path / "t.json"
     path.write_text(json.dumps([ROW, {"problem": "x"}, {**ROW, "problem": "2+2?"}]))
     fresh = data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")
+    plain = lambda result: ([{**e, "token_ids": e["token_ids"].tolist()} for e in result[0]], *result[1:])
     calls = []
     original = data.build_examples
     monkeypatch.setattr(data, "build_examples", lambda *a: calls.append(1) or original(*a))
-    assert data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c") == fresh  # hit: not rebuilt
+    assert plain(data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")) == plain(fresh)  # hit: not rebuilt
     assert calls == []
     assert fresh[1] == Counter({"missing message_content": 1}) and fresh[2] == 3
     data.prepare_examples(path, tok, False, cache_dir=tmp_path / "c")  # other flag: miss
@@ -138,7 +139,8 @@ def test_token_cache_hit_miss_and_corruption(tmp_path, tok, monkeypatch):
     assert len(calls) == 3
     for cache_file in (tmp_path / "c" / "tokenized").glob("*.pt"):
         cache_file.write_bytes(cache_file.read_bytes()[:40])  # damaged
-    assert data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")[0] == original([ROW], tok, True)[0]
+    rebuilt = data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")
+    assert plain(rebuilt)[0] == plain(original([ROW], tok, True))[0]
     assert len(calls) == 4
 
 
@@ -163,8 +165,10 @@ def test_synthetic_dataset_schema_traces_and_disjoint_split():
         terms = [int(t) for t in re.findall(r"\d+", row["problem"])]
         assert row["gtruth_answer"] == str(sum(terms))
         assert row["message_content"].endswith(f"\\boxed{{{sum(terms)}}}")
-        steps = re.findall(r"(\d+) \+ (\d+) = (\d+)", row["message_thinking"])
-        assert len(steps) == len(terms) - 1 and all(int(a) + int(b) == int(c) for a, b, c in steps)
+        lines = [[int(x) for x in re.findall(r"\d+", line)] for line in row["message_thinking"].splitlines()]
+        assert lines[0] == terms and len(lines) == len(terms) and lines[-1] == [sum(terms)]
+        for before, after in zip(lines, lines[1:]):  # each line adds the first two numbers of the previous one
+            assert after == [before[0] + before[1]] + before[2:]
     assert set(test[0]) == {"problem", "answer", "subject", "level", "unique_id"}
     assert data.synth_dataset(300, 50, seed=7) == (train, test)
 

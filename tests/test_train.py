@@ -86,7 +86,7 @@ def test_answer_loss_equals_hand_computation():
     tok = qwen3.load_tokenizer("tiny", "base")
     model = qwen3.load_model("tiny", seed=2)
     e = example(tok, "1+1?", "2, so \\boxed{2}")
-    ids = torch.tensor(e["token_ids"])
+    ids = e["token_ids"].long()
     log_probs = torch.log_softmax(model(ids[None, :-1])[0].double(), -1)
     answer_positions = range(e["prompt_len"], len(ids))  # each answer token (and eos), predicted from before it
     expected = -sum(log_probs[t - 1, ids[t]] for t in answer_positions) / len(answer_positions)
