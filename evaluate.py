@@ -675,6 +675,10 @@ def main(argv=None):
         wall = None
     else:
         rows = data.load_math500(args.data_path, args.cache_dir)[:args.dataset_size]
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("problem"), str)
+                    or "answer" not in r), None)
+        if bad is not None:
+            raise ValueError(f"{args.data_path or 'MATH-500'}: row {bad} lacks a 'problem' string or an 'answer' (MATH-500 schema)")
         if out.exists() and out.stat().st_size and not args.resume:
             raise ValueError(f"{out} exists: add --resume to continue it, or choose another --out")
         previous = read_records(out) if args.resume and out.exists() else []

@@ -66,7 +66,9 @@ def plot_accuracy(paths, labels, out, show):
     for p, s in zip(paths, summaries):
         if "accuracy" not in s:
             raise ValueError(f"{p}: not an evaluate.py summary (no 'accuracy')")
-    subjects = sorted({k for s in summaries for k in s.get("by_subject", {})})
+    # per subject (MATH-500 has seven); per level where all problems share one subject
+    key = "by_subject" if len({k for s in summaries for k in s.get("by_subject", {})}) > 1 else "by_level"
+    subjects = sorted({k for s in summaries for k in s.get(key, {})})
     fig, (overall, per_subject) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 3]})
     for n, (s, label) in enumerate(zip(summaries, labels)):
         acc, (low, high) = 100 * s["accuracy"], s.get("ci95", [s["accuracy"]] * 2)
@@ -74,7 +76,7 @@ def plot_accuracy(paths, labels, out, show):
         overall.text(n, 100 * high + 1, f"{acc:.1f}%", ha="center", va="bottom")
         width = 0.8 / len(summaries)
         per_subject.bar([k + (n - (len(summaries) - 1) / 2) * width for k in range(len(subjects))],
-                        [100 * s.get("by_subject", {}).get(sub, {}).get("accuracy", 0) for sub in subjects],
+                        [100 * s.get(key, {}).get(sub, {}).get("accuracy", 0) for sub in subjects],
                         width, color=f"C{n}", label=label)
     overall.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     overall.set_ylabel("Accuracy (%), 95% CI")
@@ -82,7 +84,7 @@ def plot_accuracy(paths, labels, out, show):
     overall.set_title("Overall")
     per_subject.set_xticks(range(len(subjects)), subjects, rotation=20, ha="right")
     per_subject.set_ylim(0, 105)
-    per_subject.set_title("By subject")
+    per_subject.set_title("By subject" if key == "by_subject" else "By level")
     per_subject.legend()
     for axis in (overall, per_subject):
         axis.grid(axis="y", alpha=0.3)
@@ -102,7 +104,7 @@ def save(fig, out, show):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("paths", nargs="+", help="metrics CSVs (loss curves) or, with --accuracy, evaluate.py summary JSONs")
-    p.add_argument("--accuracy", action="store_true", help="bar chart of accuracies (with 95%% CI and per subject)")
+    p.add_argument("--accuracy", action="store_true", help="bar chart of accuracies (with 95%% CI, per subject or level)")
     p.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
     p.add_argument("--out", default=None, help="image file (default: loss.png, or accuracy.png with --accuracy)")
     p.add_argument("--show", action="store_true", help="also open a window (needs a display)")

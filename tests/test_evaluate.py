@@ -157,6 +157,12 @@ def test_resume_generates_only_the_unfinished_problems(checkpoint, tmp_path, mon
     assert summary["num_examples"] == 7
 
 
+def test_rows_outside_the_math500_schema_are_refused(checkpoint, tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"problem": "1+1?", "answer": "2"}, {"question": "x"}]))
+    with pytest.raises(ValueError, match="row 1 lacks a 'problem'"):
+        run_eval((checkpoint[0], tmp_path / "bad.json"), tmp_path / "o.jsonl")
+
+
 def test_grading_a_file_of_generations(tmp_path, capsys):
     rows = [{"gtruth_answer": "2", "message_content": r"so \boxed{2}"}, {"gtruth_answer": "3", "message_content": r"\boxed{4}"},
             {"gtruth_answer": r"\frac12", "message_content": r"it is $\boxed{0.5}$"}, {"gtruth_answer": "1", "message_content": None}]
