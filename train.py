@@ -16,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,6 +162,23 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
+@contextmanager
+def deferred_signals():
+    """Ctrl-C (SIGINT) and SIGTERM only raise a flag, checked after each step so that a resumable checkpoint can
+    be written; a second Ctrl-C stops at once. The previous handlers come back afterwards."""
+    caught = []
+    def on_signal(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None):
     args, resume_state = prepare_out_dir(parse_args(argv))
     out = Path(args.out_dir)
@@ -201,60 +219,53 @@ def main(argv=None):
         return qwen3.save_checkpoint(path, model, tok, optimizer=optimizer.state_dict(), position=dict(pos),
                                      rng=torch.get_rng_state(), args=vars(args))
 
-    interrupted = []
-    def on_signal(signum, frame):
-        if interrupted:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        interrupted.append(signum)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
     def log(epoch, train_loss, val_loss, tokens_per_sec):
         with open(out / "metrics.csv", "a", newline="") as f:
             csv.writer(f).writerow([epoch, pos["total_steps"], f"{train_loss:.6f}", f"{val_loss:.6f}", args.lr,
                                     f"{tokens_per_sec:.0f}", f"{pos['elapsed_s']:.1f}"])
         pos["csv_rows"] += 1
 
-    model.train()
-    bar = qwen3.Progress(total_steps, "train", unit="steps")
-    bar.update(pos["total_steps"])
-    t0 = time.time() - pos["elapsed_s"]
-    interval_start = time.time()
-    while pos["epoch"] <= args.epochs:
-        epoch = pos["epoch"]
-        steps = optimizer_steps(train, args, epoch)
-        for step in steps[pos["step_in_epoch"]:]:
-            loss, tokens = optimizer_step(model, optimizer, step, args, device, pos)
-            pos["step_in_epoch"] += 1
-            pos["total_steps"] += 1
-            pos["elapsed_s"] = time.time() - t0
-            for key, value in (("interval_loss", loss), ("interval_steps", 1), ("interval_tokens", tokens), ("epoch_loss", loss)):
-                pos[key] += value
-            bar.update()
-            if pos["total_steps"] % args.log_every == 0:
-                val_loss = validation_loss(model, val, args, device)
-                tokens_per_sec = pos["interval_tokens"] / (time.time() - interval_start)
-                eta = (total_steps - pos["total_steps"]) * pos["elapsed_s"] / pos["total_steps"]
-                bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos['total_steps']}/{total_steps}] "
-                          f"train_loss {pos['interval_loss'] / pos['interval_steps']:.4f} val_loss {val_loss:.4f} "
-                          f"| {tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}")
-                log(epoch, pos["interval_loss"] / pos["interval_steps"], val_loss, tokens_per_sec)
-                pos.update(interval_loss=0.0, interval_steps=0, interval_tokens=0)
-                interval_start = time.time()
-            if interrupted:
-                path = save_resumable(out / "last.pth")
-                bar.write(f"interrupted: saved {path}; continue with: python train.py --resume {out}")
-                raise SystemExit(130)
-        val_loss = validation_loss(model, val, args, device)
-        epoch_train_loss = pos["epoch_loss"] / max(len(steps), 1)
-        bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {epoch_train_loss:.4f} val_loss {val_loss:.4f}")
-        log(epoch, epoch_train_loss, val_loss, pos["interval_tokens"] / max(time.time() - interval_start, 1e-9))
-        path = qwen3.save_checkpoint(out / checkpoint_name(args.model, pos["total_steps"], epoch), model, tok,
-                                     epoch=epoch, step=pos["total_steps"], val_loss=val_loss, args=vars(args))
-        pos.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss=0.0, last_checkpoint=str(path))
-        save_resumable(out / "last.pth")
-        bar.write(f"saved {path}")
-    bar.close()
+    with deferred_signals() as interrupted:
+        model.train()
+        bar = qwen3.Progress(total_steps, "train", unit="steps")
+        bar.update(pos["total_steps"])
+        t0 = time.time() - pos["elapsed_s"]
+        interval_start = time.time()
+        while pos["epoch"] <= args.epochs:
+            epoch = pos["epoch"]
+            steps = optimizer_steps(train, args, epoch)
+            for step in steps[pos["step_in_epoch"]:]:
+                loss, tokens = optimizer_step(model, optimizer, step, args, device, pos)
+                pos["step_in_epoch"] += 1
+                pos["total_steps"] += 1
+                pos["elapsed_s"] = time.time() - t0
+                for key, value in (("interval_loss", loss), ("interval_steps", 1), ("interval_tokens", tokens), ("epoch_loss", loss)):
+                    pos[key] += value
+                bar.update()
+                if pos["total_steps"] % args.log_every == 0:
+                    val_loss = validation_loss(model, val, args, device)
+                    tokens_per_sec = pos["interval_tokens"] / (time.time() - interval_start)
+                    eta = (total_steps - pos["total_steps"]) * pos["elapsed_s"] / pos["total_steps"]
+                    bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos['total_steps']}/{total_steps}] "
+                              f"train_loss {pos['interval_loss'] / pos['interval_steps']:.4f} val_loss {val_loss:.4f} "
+                              f"| {tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}")
+                    log(epoch, pos["interval_loss"] / pos["interval_steps"], val_loss, tokens_per_sec)
+                    pos.update(interval_loss=0.0, interval_steps=0, interval_tokens=0)
+                    interval_start = time.time()
+                if interrupted:
+                    path = save_resumable(out / "last.pth")
+                    bar.write(f"interrupted: saved {path}; continue with: python train.py --resume {out}")
+                    raise SystemExit(130)
+            val_loss = validation_loss(model, val, args, device)
+            epoch_train_loss = pos["epoch_loss"] / max(len(steps), 1)
+            bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {epoch_train_loss:.4f} val_loss {val_loss:.4f}")
+            log(epoch, epoch_train_loss, val_loss, pos["interval_tokens"] / max(time.time() - interval_start, 1e-9))
+            path = qwen3.save_checkpoint(out / checkpoint_name(args.model, pos["total_steps"], epoch), model, tok,
+                                         epoch=epoch, step=pos["total_steps"], val_loss=val_loss, args=vars(args))
+            pos.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss=0.0, last_checkpoint=str(path))
+            save_resumable(out / "last.pth")
+            bar.write(f"saved {path}")
+        bar.close()
     print(f"done in {qwen3.format_seconds(time.time() - t0)}, peak memory {peak_memory(device)}; "
           f"wrote {out / 'metrics.csv'}, checkpoints in {out} (last: {pos['last_checkpoint']})")
 

@@ -63,7 +63,7 @@ def test_sigint_saves_a_checkpoint_and_resume_equals_uninterrupted(synth, tmp_pa
     while proc.poll() is None and not (csv_path.exists() and len(csv_path.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, output
     assert "interrupted: saved" in output and (tmp_path / "b" / "last.pth").exists()
     interrupted_rows = len(read_csv(csv_path))
