@@ -166,7 +166,7 @@ def build_examples(rows, tokenizer, use_think_tokens):
     return examples, skipped
 
 
-def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None, use_cache=True):
+def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None):
     """build_examples for a file, cached on disk by (file content, tokenizer, variant, think flag, format version).
 
     Returns (examples, skipped, num_rows). A cache file whose key or structure is wrong is rebuilt.
@@ -176,14 +176,13 @@ def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None, use
                  str(bool(use_think_tokens)), str(FORMAT_VERSION)]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
     cache_file = Path(cache_dir or qwen3.default_cache_dir()) / "tokenized" / f"{path.stem}-{key}.pt"
-    if use_cache and cache_file.exists():
+    if cache_file.exists():
         cached = _read_token_cache(cache_file, key)
         if cached is not None:
             return cached
     rows = read_rows(path)
     examples, skipped = build_examples(rows, tokenizer, use_think_tokens)
-    if use_cache:
-        _write_token_cache(cache_file, key, examples, skipped, len(rows))
+    _write_token_cache(cache_file, key, examples, skipped, len(rows))
     return examples, skipped, len(rows)
 
 
@@ -222,11 +221,11 @@ def _read_token_cache(cache_file, key):
 
 
 def length_stats(examples):
-    """Average, shortest and longest length (with example index), total and answer-only."""
+    """Average, shortest and longest length (with the data row it comes from), total and answer-only."""
     def summary(lengths):
         shortest, longest = min(range(len(lengths)), key=lengths.__getitem__), max(range(len(lengths)), key=lengths.__getitem__)
-        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest], "shortest_index": shortest,
-                "longest": lengths[longest], "longest_index": longest}
+        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest], "shortest_index": examples[shortest]["row"],
+                "longest": lengths[longest], "longest_index": examples[longest]["row"]}
     return {"total": summary([len(e["token_ids"]) for e in examples]),
             "answer": summary([len(e["token_ids"]) - e["prompt_len"] for e in examples])}
 
@@ -313,6 +312,10 @@ def synth_problem(rng, n_terms):
 
 def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
     """(train rows in the teacher schema, test rows in the MATH-500 schema), no problem in both."""
+    if not 2 <= min_terms <= max_terms:
+        raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms} and {max_terms}")
+    if n_test >= sum(9 ** n for n in range(min_terms, max_terms + 1)):  # leave problems for training
+        raise ValueError(f"only {sum(9 ** n for n in range(min_terms, max_terms + 1))} distinct problems: lower --n_test")
     rng = random.Random(seed)
     test, seen = [], set()
     while len(test) < n_test:
@@ -376,8 +379,8 @@ def main(argv=None):
     if not examples:
         raise ValueError("no usable rows")
     for part, st in length_stats(examples).items():
-        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} (example {st['shortest_index']}), "
-              f"longest {st['longest']} (example {st['longest_index']})")
+        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} (row {st['shortest_index']}), "
+              f"longest {st['longest']} (row {st['longest_index']})")
     if args.max_seq_len:
         kept, counts = filter_by_length(examples, args.max_seq_len)
         print(f"max_seq_len {args.max_seq_len}: original {counts['original']}, kept {counts['kept']}, removed {counts['removed']}")

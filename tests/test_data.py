@@ -171,6 +171,8 @@ def test_synthetic_dataset_schema_traces_and_disjoint_split():
             assert after == [before[0] + before[1]] + before[2:]
     assert set(test[0]) == {"problem", "answer", "subject", "level", "unique_id"}
     assert data.synth_dataset(300, 50, seed=7) == (train, test)
+    with pytest.raises(ValueError, match="distinct problems"):
+        data.synth_dataset(10, 729, seed=7)  # 9^3 three-digit sums: none would be left for training
 
 
 def test_stats_on_real_rows_with_real_tokenizer(shared_data, real_tokenizer_path, tmp_path, capsys):
