@@ -55,9 +55,8 @@ def extract_answer(text):
         return None
     starts = sorted(m.end() for m in re.finditer(r"\\(?:boxed|fbox)", text))
     for end in reversed(starts[-3:]):  # the last one, or an earlier one if the last is unbalanced
-        rest = text[end:end + 2].lstrip()
-        pos = end + len(text[end:]) - len(text[end:].lstrip())
-        if rest.startswith("{"):
+        pos = re.compile(r"\s*").match(text, end).end()
+        if text.startswith("{", pos):
             content = _braced(text, pos)
             if content is not None:
                 return content.strip().strip("$").strip()
@@ -110,7 +109,11 @@ def normalize(answer):
         g = [x for x in mixed.groups() if x is not None]
         s = f"{g[0]}({g[1]}+\\frac{{{g[2]}}}{{{g[3]}}})"
     choice = re.fullmatch(r"\(?([A-Ea-e])\)", s) or re.fullmatch(r"\(([A-Ea-e])\)?", s)
-    return choice.group(1).upper() if choice else s
+    if choice:  # multiple choice: (C), C), (c
+        return choice.group(1).upper()
+    while (pair := _outer_pair(s)) and pair[:2] == ("(", ")") and len(_split_top(pair[2], ",")) == 1:
+        s = pair[2]  # (x = 5) is x = 5; a tuple or interval keeps its brackets
+    return s
 
 
 # -----------------------------------------------------------------------------
