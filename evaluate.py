@@ -104,6 +104,8 @@ def normalize(answer):
     if not s.startswith(("(", "[")):  # thousands separators (not in tuples / intervals): 10,080 -> 10080
         s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     s = s.replace(" ", "")
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # 1011_{2} is 1011_2
+    s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # x \in [2, 5) is [2, 5)
     mixed = re.fullmatch(r"(-?)(\d+)\\frac\{?(\d)\}?\{?(\d)\}?|(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     if mixed:  # 1\frac{4}{5} is one and four fifths
         g = [x for x in mixed.groups() if x is not None]

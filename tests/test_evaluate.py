@@ -28,7 +28,7 @@ RULES = {
     "complex": [("6-5i", "6 - 5i", True), ("5i+6", "6 - 5i", False), ("1+274i", "274i+1", True)],
     "tuples in order": [(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", True), ("(2, 1)", "(1, 2)", False),
                         ("(1, 2, 3)", "(1, 2)", False), ("(6,31,-1)", "(6, 31, -1)", True), ("(1, 100)", "(1,100)", True)],
-    "intervals": [(r"(5,\infty)", r"(5, \infty)", True), (r"[5,\infty)", r"(5, \infty)", False),
+    "intervals": [(r"(5,\infty)", r"(5, \infty)", True), (r"x \in [2, 5)", "[2,5)", True), (r"[5,\infty)", r"(5, \infty)", False),
                   (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,\infty)", True),
                   (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2]\cup(3,\infty)", False)],
     "sets and lists": [("-2,1", "1, -2", True), (r"\{1, 2\}", r"\{2,1\}", True), ("3, 5, 7", "3,5", False), ("(7, 5, 3)", "3, 5, 7", True),
@@ -46,7 +46,8 @@ RULES = {
     "degrees and units": [(r"90^\circ", "90", True), (r"30^{\circ}", "30", True), ("30°", "30", True),
                           (r"10\text{ cm}^2", "10", True), ("12 inches", "12", True), (r"10 \text{ cm}", "11", False)],
     "text": [(r"\text{even}", "even", True), (r"\text{Even}", r"\text{odd}", False), (r"\text{(E)}", "E", True),
-             ("(C)", r"\text{(C)}", True), ("B", "(C)", False), ("52_8", "52_8", True), ("52_8", "42", False)],
+             ("(C)", r"\text{(C)}", True), ("B", "(C)", False), ("52_8", "52_8", True), ("52_8", "42", False),
+             ("1011_{2}", "1011_2", True)],
     "mixed numbers": [(r"1\frac{4}{5}", r"\frac95", True), (r"2\frac{1}{2}", "2.5", True), (r"1\frac{4}{5}", r"\frac45", False)],
 }
 
