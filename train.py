@@ -88,7 +88,7 @@ def optimizer_steps(train, args, epoch):
 
 
 def step_loss(model, step, per_example_mean, device, backward=True):
-    """Loss of one optimizer step (all its micro-batches), with backward; returns (loss, tokens)."""
+    """Loss of one optimizer step (all its micro-batches), with backward; returns (loss, trained tokens)."""
     examples = [e for b in step for e in b]
     normalizer = len(examples) if per_example_mean else sum(len(e["token_ids"]) - e["prompt_len"] for e in examples)
     total, tokens = 0.0, 0
@@ -98,7 +98,7 @@ def step_loss(model, step, per_example_mean, device, backward=True):
         if backward:
             loss.backward()
         total += loss.item()
-        tokens += input_ids.numel()
+        tokens += sum(len(e["token_ids"]) - 1 for e in batch)  # padding is not counted
     return total, tokens
 
 
