@@ -404,6 +404,8 @@ def load_tokenizer(name_or_path, kind="base", cache_dir=None):
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path.parent}: copy the official one there")
     elif not path.is_file():  # a Hub repo id: fetch tokenizer.json alone, not the weights
         path = hub_files(str(name_or_path), ["tokenizer.json"], cache_dir)[0]
     return Tokenizer(path.read_text(encoding="utf-8"), kind)
@@ -509,7 +511,8 @@ HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
 def _complete(d: Path):
-    if not (d / "config.json").exists() or not (d / "tokenizer.json").exists():
+    """Config and every weight file present (the tokenizer is loaded, and fetched, on its own)."""
+    if not (d / "config.json").exists():
         return False
     if (d / "model.safetensors").exists():
         return True
@@ -537,8 +540,8 @@ def resolve_model_dir(name_or_dir, cache_dir=None):
     if Path(name_or_dir).is_dir():
         d = Path(name_or_dir)
         if not _complete(d):
-            raise FileNotFoundError(f"{d} is not a Hugging Face model directory: it needs config.json, tokenizer.json "
-                                    "and model.safetensors (or model.safetensors.index.json with its shards)")
+            raise FileNotFoundError(f"{d} is not a Hugging Face model directory: it needs config.json and "
+                                    "model.safetensors (or model.safetensors.index.json with its shards)")
         return d
     repo = str(name_or_dir)
     d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")

@@ -111,7 +111,11 @@ def tiny_tok_json():
 def test_hf_directory_matches_independent_reference(tmp_path, tiny_tok_json, n):
     cfg = CONFIGS[n]
     weights = random_official_weights(cfg, seed=n)
-    model = qwen3.from_pretrained(write_hf_dir(tmp_path / "m", cfg, weights, tiny_tok_json, shards=1 + n % 2))
+    model_dir = write_hf_dir(tmp_path / "m", cfg, weights, tiny_tok_json, shards=1 + n % 2)
+    (model_dir / "tokenizer.json").unlink()  # weights and config are enough for the model
+    model = qwen3.from_pretrained(model_dir)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        qwen3.load_tokenizer(model_dir)
     ids = torch.randint(0, cfg["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(n))
     logits = model(ids)
     assert logits.shape == (2, 37, cfg["vocab_size"])
