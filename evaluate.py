@@ -378,7 +378,7 @@ def structure(s):
         return "set", [pair[2]]
     items = _split_top(s, ",")
     if len(items) > 1:
-        return "list", items
+        return "list", [_strip_lhs(item) for item in items]  # x=1, x=2 lists the values 1 and 2
     if s.count("\\pm") == 1:
         return "list", [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
     if "=" in s:

@@ -34,7 +34,7 @@ RULES = {
     "sets and lists": [("-2,1", "1, -2", True), (r"\{1, 2\}", r"\{2,1\}", True), ("3, 5, 7", "3,5", False), ("(7, 5, 3)", "3, 5, 7", True),
                        (r"\{3, 5\}", "5, 3", True), ("(3, 5)", r"\{3, 5\}", False),
                        (r"1 \pm \sqrt{19}", r"1-\sqrt{19}, 1+\sqrt{19}", True), (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False)],
-    "equations": [("x = 3", "3", True), ("3", "x=3", True), ("y = -2x", "y=-2x", True), ("2y=-4x", "y = -2x", True),
+    "equations": [("x = 3", "3", True), ("x=1, x=-2", "-2, 1", True), ("x=1, x=-2", "-2, 3", False), ("3", "x=3", True), ("y = -2x", "y=-2x", True), ("2y=-4x", "y = -2x", True),
                   ("-2x", "y = -2x", True), ("y = 2x", "y = -2x", False), ("x = 4", "3", False)],
     "matrices": [(r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", r"\begin{pmatrix}-\frac13\\ \frac23 \\ \frac53\end{pmatrix}", True),
                  (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\left(\frac15, -\frac{18}{5}\right)", True),
