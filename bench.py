@@ -10,7 +10,6 @@ Benchmarks on synthetic inputs: training throughput / MFU / memory, generation t
 import argparse
 import json
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 import data
 import qwen3
+import train
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}  # dense bf16
 
@@ -27,12 +27,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def peak_memory_gib(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
 
 
 def detect_peak_tflops(device):
@@ -80,10 +74,8 @@ def bench_train(args, model, device):
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
 
-    def fast_step(batch):
-        input_ids, targets, loss_mask = data.collate(batch, device)
-        qwen3.answer_loss(model, input_ids, targets, loss_mask).backward()
-        return sum(len(e["token_ids"]) - 1 for e in batch)
+    def fast_step(batch):  # exactly train.py's step: collate, chunked answer loss, backward
+        return train.step_loss(model, [batch], False, device)[1]
 
     batches = data.make_batches(examples, args.batch_size, args.seed)
     if str(device).startswith("cuda"):
@@ -91,7 +83,7 @@ def bench_train(args, model, device):
     seconds, tokens = time_training(model, batches, device, fast_step, args.warmup)
     flops_per_token = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
     result = {"mode": "train", "tokens_per_sec": tokens / seconds, "step_time_s": seconds / args.steps,
-              "tflops": flops_per_token * tokens / seconds / 1e12, "peak_memory_gib": peak_memory_gib(device)}
+              "tflops": flops_per_token * tokens / seconds / 1e12, "peak_memory_gib": qwen3.peak_memory_gib(device)}
     if args.compare:
         def reference_step(example):
             reference_step_loss(model, example, device).backward()
@@ -114,7 +106,7 @@ def bench_generate(args, model, device):
     sync(device)
     seconds = time.time() - start
     tokens = sum(map(len, out))
-    result = {"mode": "generate", "tokens_per_sec": tokens / seconds, "peak_memory_gib": peak_memory_gib(device)}
+    result = {"mode": "generate", "tokens_per_sec": tokens / seconds, "peak_memory_gib": qwen3.peak_memory_gib(device)}
     if args.compare:
         start = time.time()
         singles = [qwen3.generate(model, [p], args.max_new_tokens)[0] for p in prompts]

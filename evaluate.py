@@ -616,11 +616,7 @@ def generate_records(args, rows, done, out_file):
     """Generate, grade and append a record for every row not in `done`; returns (records, seconds)."""
     device = qwen3.pick_device(args.device)
     dtype = qwen3.pick_dtype(args.dtype, device)
-    if args.checkpoint_path:
-        model, tok, _ = qwen3.load_checkpoint(args.checkpoint_path, device, dtype)
-    else:
-        model = qwen3.load_model(args.model, device, dtype, args.cache_dir)
-        tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
+    model, tok = qwen3.load_for_inference(args.model, args.which_model, args.checkpoint_path, device, dtype, args.cache_dir)
     print(f"device {device} ({dtype}), model {args.checkpoint_path or args.model}, tokenizer {tok.kind}, "
           f"{len(rows) - len(done)} problems to generate (batch {args.batch_size}, max_new_tokens {args.max_new_tokens})")
     todo = [i for i in range(len(rows)) if i not in done]

@@ -510,6 +510,11 @@ def download(url, dest, retries=4, session=None, chunk=1 << 16):
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
+def shard_names(index_path):
+    """The weight files listed by a model.safetensors.index.json."""
+    return sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
+
+
 def _complete(d: Path):
     """Config and every weight file present (the tokenizer is loaded, and fetched, on its own)."""
     if not (d / "config.json").exists():
@@ -517,19 +522,21 @@ def _complete(d: Path):
     if (d / "model.safetensors").exists():
         return True
     index = d / "model.safetensors.index.json"
-    return index.exists() and all((d / f).exists() for f in set(json.loads(index.read_text())["weight_map"].values()))
+    return index.exists() and all((d / f).exists() for f in shard_names(index))
+
+
+def _repo_cache_dir(repo, cache_dir):
+    return Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
 
 
 def hub_files(repo, files, cache_dir=None):
     """Local paths of files from a Hub repo, downloaded once into the cache (a second run makes no request)."""
     if repo.count("/") != 1:
         raise FileNotFoundError(f"{repo!r} is neither a local path nor a Hugging Face repo id like 'Qwen/Qwen3-0.6B-Base'")
-    d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
+    d = _repo_cache_dir(repo, cache_dir)
     try:
         return [d / f if (d / f).exists() else download(HF_URL.format(repo=repo, file=f), d / f) for f in files]
-    except DownloadError as e:
-        if "HTTP 404" in str(e) and files == ["model.safetensors.index.json"]:
-            raise  # the caller's probe for a sharded checkpoint
+    except DownloadError as e:  # the first line keeps the cause (e.g. "HTTP 404", which the shard probe looks for)
         raise DownloadError(f"{e}\nCould not fetch {repo} from the Hugging Face Hub. On a machine with internet, download "
                             f"config.json, tokenizer.json and model*.safetensors from https://huggingface.co/{repo} "
                             f"into {d} (or any directory, and pass that directory instead of the repo id).") from None
@@ -544,13 +551,12 @@ def resolve_model_dir(name_or_dir, cache_dir=None):
                                     "model.safetensors (or model.safetensors.index.json with its shards)")
         return d
     repo = str(name_or_dir)
-    d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
+    d = _repo_cache_dir(repo, cache_dir)
     if _complete(d):
         return d
     hub_files(repo, ["config.json", "tokenizer.json"], cache_dir)
     try:  # sharded checkpoints have an index; single-file ones answer 404
-        index = hub_files(repo, ["model.safetensors.index.json"], cache_dir)[0]
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = shard_names(hub_files(repo, ["model.safetensors.index.json"], cache_dir)[0])
     except DownloadError as e:
         if "HTTP 404" not in str(e):
             raise
@@ -596,9 +602,8 @@ def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32, cache_dir=No
     from safetensors.torch import load_file
     d = resolve_model_dir(name_or_dir, cache_dir)
     cfg = Qwen3Config.from_hf(json.loads((d / "config.json").read_text()))
-    index = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if not (d / "model.safetensors").exists() \
-        else ["model.safetensors"]
+    single = (d / "model.safetensors").exists()
+    files = ["model.safetensors"] if single else shard_names(d / "model.safetensors.index.json")
     tensors = {}
     for f in files:
         tensors.update(load_file(d / f))
@@ -681,6 +686,13 @@ def load_weights(model, state, path):
         model.load_state_dict(state["model"])
 
 
+def load_for_inference(model, which_model, checkpoint_path=None, device="cpu", dtype=torch.float32, cache_dir=None):
+    """(model, tokenizer) from a checkpoint (which carries both), else a model name and a tokenizer variant."""
+    if checkpoint_path:
+        return load_checkpoint(checkpoint_path, device, dtype)[:2]
+    return load_model(model, device, dtype, cache_dir), load_tokenizer(model, which_model, cache_dir)
+
+
 RANDOM_CONFIGS = {"tiny": TINY, "random-0.6B": Qwen3Config()}  # random init: tests, the walkthrough, benchmarks
 
 
@@ -691,6 +703,14 @@ def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
         with torch.device(device):
             return Qwen3(RANDOM_CONFIGS[name]).to(dtype=dtype).eval()
     return from_pretrained(name, device, dtype, cache_dir)
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory allocated on CUDA; elsewhere the process's peak resident memory."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def pick_dtype(name, device):
@@ -739,11 +759,7 @@ def main(argv=None):
         model, tok, _ = load_checkpoint(args.checkpoint_path)
         print(f"wrote {export_hf(model, tok, args.out_dir)}")
         return
-    device = pick_device(args.device)
-    if args.checkpoint_path:
-        model, tok, _ = load_checkpoint(args.checkpoint_path, device)
-    else:
-        model, tok = load_model(args.model, device), load_tokenizer(args.model, args.which_model)
+    model, tok = load_for_inference(args.model, args.which_model, args.checkpoint_path, pick_device(args.device))
     answer, shown = [], ""
     for _, token in generate_stream(model, [tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id,
                                     args.temperature, args.top_p):

@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import re
-import resource
 import signal
 import sys
 import time
@@ -156,12 +155,6 @@ def prepare_out_dir(args):
     return args, None
 
 
-def peak_memory(device):
-    if str(device).startswith("cuda"):
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-
-
 @contextmanager
 def deferred_signals():
     """Ctrl-C (SIGINT) and SIGTERM only raise a flag, checked after each step so that a resumable checkpoint can
@@ -266,7 +259,7 @@ def main(argv=None):
             save_resumable(out / "last.pth")
             bar.write(f"saved {path}")
         bar.close()
-    print(f"done in {qwen3.format_seconds(time.time() - t0)}, peak memory {peak_memory(device)}; "
+    print(f"done in {qwen3.format_seconds(time.time() - t0)}, peak memory {qwen3.peak_memory_gib(device):.2f} GiB; "
           f"wrote {out / 'metrics.csv'}, checkpoints in {out} (last: {pos['last_checkpoint']})")
 
 
