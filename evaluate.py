@@ -182,10 +182,14 @@ class Parser:
             raise ParseError(f"unexpected {self.peek()!r}")
         return value
 
-    def expr(self):
+    def nest(self):
+        """Count one level of recursion: pathological nesting is a parse error, not a RecursionError."""
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise ParseError("nested too deeply")
+
+    def expr(self):
+        self.nest()
         value = self.term()
         while self.peek() in ("+", "-"):
             value = value + self.term() if self.take() == "+" else value - self.term()
@@ -213,9 +217,7 @@ class Parser:
 
     def unary(self):
         if self.peek() in ("+", "-"):
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise ParseError("nested too deeply")
+            self.nest()
             sign = self.take()
             value = self.unary()
             self.depth -= 1
