@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sympy
+import torch
 
 import data
 import qwen3
@@ -614,6 +615,16 @@ def cross_check(records):
     print(f"math-verify disagrees on {len(disagreements)} of {len(records)}")
 
 
+def make_record(index, row, ids, tok):
+    finished = bool(ids) and ids[-1] == tok.eos_token_id
+    text = tok.decode(ids[:-1] if finished else ids)
+    extracted = extract_answer(text)
+    return {"index": index, "unique_id": row.get("unique_id"), "subject": row.get("subject"), "level": row.get("level"),
+            "problem": row["problem"], "gtruth_answer": row.get("answer"), "generated_text": text,
+            "extracted": extracted, "correct": grade(extracted, str(row.get("answer"))),
+            "num_tokens": len(ids), "truncated": not finished}
+
+
 def generate_records(args, rows, done, out_file):
     """Generate, grade and append a record for every row not in `done`; returns (records, seconds)."""
     device = qwen3.pick_device(args.device)
@@ -623,25 +634,24 @@ def generate_records(args, rows, done, out_file):
           f"{len(rows) - len(done)} problems to generate (batch {args.batch_size}, max_new_tokens {args.max_new_tokens})")
     todo = [i for i in range(len(rows)) if i not in done]
     prompts = {i: tok.encode(data.render_prompt(rows[i]["problem"])) for i in todo}
-    todo.sort(key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    todo.sort(key=lambda i: len(prompts[i]))  # similar lengths are admitted together: less prefill padding
     bar = qwen3.Progress(len(todo), "generate", unit="problems")
-    start, records = time.time(), []
-    for b in range(0, len(todo), args.batch_size):
-        batch = todo[b:b + args.batch_size]
-        outputs = qwen3.generate(model, [prompts[i] for i in batch], args.max_new_tokens, tok.eos_token_id)
-        for i, ids in zip(batch, outputs):
-            finished = bool(ids) and ids[-1] == tok.eos_token_id
-            text = tok.decode(ids[:-1] if finished else ids)
-            row = rows[i]
-            extracted = extract_answer(text)
-            record = {"index": i, "unique_id": row.get("unique_id"), "subject": row.get("subject"), "level": row.get("level"),
-                      "problem": row["problem"], "gtruth_answer": row.get("answer"), "generated_text": text,
-                      "extracted": extracted, "correct": grade(extracted, str(row.get("answer"))),
-                      "num_tokens": len(ids), "truncated": not finished}
-            out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            records.append(record)
-        out_file.flush()
-        bar.update(len(batch))
+    start, records, answers = time.time(), [], {}
+    stream = qwen3.generate_stream(model, [prompts[i] for i in todo], args.max_new_tokens, tok.eos_token_id,
+                                   batch_size=args.batch_size)
+    try:
+        for j, token, finished in stream:  # a record is written as soon as its answer is complete
+            answers.setdefault(j, []).append(token)
+            if finished:
+                record = make_record(todo[j], rows[todo[j]], answers.pop(j), tok)
+                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out_file.flush()
+                records.append(record)
+                bar.update(1)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) "
+                         f"positions): lower --batch_size; the {len(records)} finished problems are kept in "
+                         f"{out_file.name}, continue with --resume") from None
     bar.close()
     return records, time.time() - start
 
@@ -656,7 +666,8 @@ def parse_args(argv=None):
     a("--data_path", default=None, help="a file in the MATH-500 schema (default: MATH-500, downloaded once)")
     a("--dataset_size", type=int, default=None, help="evaluate only the first N problems")
     a("--max_new_tokens", type=int, default=2048, help="the reference used 4096 for distilled models")
-    a("--batch_size", type=int, default=16, help="problems generated together (answers equal batch size 1)")
+    a("--batch_size", type=int, default=16,
+      help="problems generated together; a finished one's slot takes the next problem (answers equal batch size 1)")
     a("--device", default="auto", help="auto = cuda, then mps, then cpu")
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda, else float32")
     a("--out", default="math500.jsonl", help="records, one JSON line per problem; the summary goes to OUT.summary.json")

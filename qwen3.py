@@ -8,6 +8,7 @@ per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU 
     tok = load_tokenizer("Qwen/Qwen3-0.6B-Base", kind="base")
     ids = generate(model, [tok.encode("1+1=")], max_new_tokens=8, eos_id=tok.eos_token_id)
 """
+import collections
 import hashlib
 import json
 import os
@@ -128,10 +129,16 @@ class KVCache:
         self.v[layer].scatter_(2, index, v)
         return self.k[layer][:, :, :self.filled], self.v[layer][:, :, :self.filled]
 
-    def keep(self, rows):
+    def keep(self, slots):
         """Drop finished rows so that they cost no more compute."""
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
+        self.k = [t[slots] for t in self.k]
+        self.v = [t[slots] for t in self.v]
+
+    def put(self, slots, other):
+        """Copy another cache's rows (new prompts' keys/values) into these slots, from position 0."""
+        n = other.k[0].shape[2]
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[slots, :, :n] = theirs
 
 
 class Attention(nn.Module):
@@ -156,7 +163,12 @@ class Attention(nn.Module):
         else:  # each row attends to its own filled cache prefix, key j visible to query at position p iff j <= p
             k, v = cache.update(layer, positions, k, v)
             mask = torch.arange(k.shape[2], device=x.device) <= positions[:, None, :, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # the query heads that share a key/value head become one longer query: SDPA with a mask and
+            # enable_gqa would fall back to the math kernel, which copies the whole cache per head
+            group = self.n_head // self.n_kv
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, group * T, self.head_dim), k, v,
+                                               attn_mask=mask.repeat(1, 1, group, 1))
+            y = y.view(B, self.n_head, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -297,44 +309,73 @@ def _pick(logits, temperature, top_p, generator):
 
 
 @torch.inference_mode()
-def generate_stream(model, prompts, max_new_tokens, eos_id=None, temperature=0.0, top_p=1.0, seed=None):
-    """Yield (row, token) for each new token of each prompt, as soon as it exists.
+def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None, temperature=0.0, top_p=1.0, seed=None):
+    """Yield (row, token, done) for each new token of each prompt, as soon as it exists.
 
-    prompts: list of token-id lists of any lengths. Rows are right-padded in one preallocated cache;
-    each row keeps its true positions, so results equal running each prompt alone. A row stops at
-    eos_id (which is yielded) or after max_new_tokens, and is then dropped from the batch.
+    Up to batch_size prompts (default: all) decode together in one preallocated KV cache, one slot each;
+    every row keeps its true positions, so results equal running each prompt alone. A row is done at
+    eos_id (which is yielded) or after max_new_tokens. Its slot then takes the next waiting prompt
+    (continuous batching: the batch stays full), or leaves the batch when none waits.
     """
-    device = next(model.parameters()).device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    if min(lens.tolist()) == 0:
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
-    cache = KVCache(model.cfg, len(prompts), int(lens.max()) + max_new_tokens, device, model.embed_tokens.weight.dtype)
-    input_ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        input_ids[i, :len(p)] = torch.tensor(p)
-    positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-    hidden = model.hidden_states(input_ids, cache, positions)
-    logits = model.lm_head(hidden[torch.arange(len(prompts), device=device), lens - 1])
-    rows = torch.arange(len(prompts), device=device)  # original index of each active row
+    if not prompts or max_new_tokens < 1:
+        return
+    device = next(model.parameters()).device
+    slots = min(batch_size or len(prompts), len(prompts))
+    cache = KVCache(model.cfg, slots, max(map(len, prompts)) + max_new_tokens, device, model.embed_tokens.weight.dtype)
+    rows, counts = [None] * slots, [0] * slots  # the prompt decoding in each slot (None: free), its new tokens
+    tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next input token and its position
+    positions = torch.zeros(slots, dtype=torch.long, device=device)
+    waiting = collections.deque(range(len(prompts)))
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    for step in range(max_new_tokens):
-        tokens = _pick(logits, temperature, top_p, generator)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
-            yield row, token
-        alive = torch.ones_like(tokens, dtype=torch.bool) if eos_id is None else tokens != eos_id
-        if step == max_new_tokens - 1 or not alive.any():
-            return
-        if not alive.all():
-            rows, tokens, lens = rows[alive], tokens[alive], lens[alive]
-            cache.keep(alive)
-        positions = (lens + step)[:, None]
-        logits = model(tokens[:, None], cache, positions)[:, -1]
+    while True:
+        free = [s for s, row in enumerate(rows) if row is None]
+        if len(free) > len(waiting):  # more free slots than prompts: the surplus leaves the batch
+            keep = [s for s, row in enumerate(rows) if row is not None] + free[:len(waiting)]
+            keep.sort()
+            if not keep:
+                return
+            rows, counts = [rows[s] for s in keep], [counts[s] for s in keep]
+            keep = torch.tensor(keep, device=device)
+            tokens, positions = tokens[keep], positions[keep]
+            cache.keep(keep)
+            free = [s for s, row in enumerate(rows) if row is None]
+        if free:  # admit: prefill all but the last prompt token, which the decode step below feeds
+            new = [waiting.popleft() for _ in free]
+            prefill = [(s, prompts[i][:-1]) for s, i in zip(free, new) if len(prompts[i]) > 1]
+            if prefill:
+                _prefill(model, cache, *zip(*prefill))
+            for s, i in zip(free, new):
+                rows[s], counts[s] = i, 0
+            free_t = torch.tensor(free, device=device)
+            tokens[free_t] = torch.tensor([prompts[i][-1] for i in new], device=device)
+            positions[free_t] = torch.tensor([len(prompts[i]) - 1 for i in new], device=device)
+        logits = model(tokens[:, None], cache, positions[:, None])[:, -1]
+        tokens, positions = _pick(logits, temperature, top_p, generator), positions + 1
+        for s, token in enumerate(tokens.tolist()):  # the one host sync per step
+            counts[s] += 1
+            done = token == eos_id or counts[s] == max_new_tokens
+            yield rows[s], token, done
+            if done:
+                rows[s] = None
 
 
-def generate(model, prompts, max_new_tokens, eos_id=None, **sampling):
+def _prefill(model, cache, slots, prompts):
+    """Compute the keys/values of `prompts` (right-padded together) and write them into cache `slots`."""
+    device = cache.k[0].device
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    part = KVCache(model.cfg, len(prompts), ids.shape[1], device, cache.k[0].dtype)
+    model.hidden_states(ids, part, torch.arange(ids.shape[1], device=device).expand_as(ids))
+    cache.put(list(slots), part)
+
+
+def generate(model, prompts, max_new_tokens, eos_id=None, batch_size=None, **sampling):
     """Token ids generated for each prompt (eos included when reached)."""
     out = [[] for _ in prompts]
-    for row, token in generate_stream(model, prompts, max_new_tokens, eos_id, **sampling):
+    for row, token, _ in generate_stream(model, prompts, max_new_tokens, eos_id, batch_size, **sampling):
         out[row].append(token)
     return out
 
@@ -761,8 +802,8 @@ def main(argv=None):
         return
     model, tok = load_for_inference(args.model, args.which_model, args.checkpoint_path, pick_device(args.device))
     answer, shown = [], ""
-    for _, token in generate_stream(model, [tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id,
-                                    args.temperature, args.top_p):
+    for _, token, _ in generate_stream(model, [tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id,
+                                       temperature=args.temperature, top_p=args.top_p):
         if token != tok.eos_token_id:  # decode the whole answer so far: one token may hold half a character
             answer.append(token)
             text = tok.decode(answer)

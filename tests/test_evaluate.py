@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate
@@ -151,8 +152,8 @@ def test_resume_generates_only_the_unfinished_problems(checkpoint, tmp_path, mon
     with pytest.raises(ValueError, match="exists"):
         run_eval(checkpoint, partial)
     generated = []
-    real = qwen3.generate
-    monkeypatch.setattr(qwen3, "generate", lambda model, prompts, *a, **k: generated.extend(prompts) or real(model, prompts, *a, **k))
+    real = qwen3.generate_stream
+    monkeypatch.setattr(qwen3, "generate_stream", lambda model, prompts, *a, **k: generated.extend(prompts) or real(model, prompts, *a, **k))
     resumed, summary = run_eval(checkpoint, partial, "--resume")
     assert len(generated) == 4
     assert sorted(resumed, key=lambda r: r["index"]) == sorted(full, key=lambda r: r["index"])
@@ -194,3 +195,23 @@ def test_wilson_interval():
     low, high = evaluate.wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
     assert evaluate.wilson_interval(0, 10)[0] == 0.0
+
+
+def test_out_of_memory_keeps_finished_records_for_resume(checkpoint, tmp_path, monkeypatch):
+    full, _ = run_eval(checkpoint, tmp_path / "full.jsonl", "--batch_size", "2")
+    calls, real = [], qwen3.Qwen3.forward
+
+    def forward_then_oom(self, *a, **k):  # decoding runs out of memory after the first two answers are complete
+        calls.append(1)
+        if len(calls) > 15:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(qwen3.Qwen3, "forward", forward_then_oom)
+    out = tmp_path / "oom.jsonl"
+    with pytest.raises(SystemExit, match="out of memory.*lower --batch_size.*2 finished problems.*--resume"):
+        run_eval(checkpoint, out, "--batch_size", "2")
+    assert len(out.read_text().splitlines()) == 2
+    monkeypatch.setattr(qwen3.Qwen3, "forward", real)
+    resumed, _ = run_eval(checkpoint, out, "--batch_size", "2", "--resume")
+    assert sorted(resumed, key=lambda r: r["index"]) == sorted(full, key=lambda r: r["index"])

@@ -150,10 +150,11 @@ def test_strict_loading_names_the_bad_tensor(tmp_path, tiny_tok_json, problem, m
     assert "model.layers" in str(err.value) or "model.norm" in str(err.value)
 
 
-def test_kv_cache_logits_equal_full_forward():
+@pytest.mark.parametrize("config", CONFIGS)
+def test_kv_cache_logits_equal_full_forward(config):
     torch.manual_seed(0)
-    model = qwen3.Qwen3(qwen3.Qwen3Config(**CONFIGS[0], max_position_embeddings=512)).eval()
-    ids = torch.randint(0, 300, (1, 30))
+    model = qwen3.Qwen3(qwen3.Qwen3Config(**config, max_position_embeddings=512)).eval()
+    ids = torch.randint(0, config["vocab_size"], (1, 30))
     full = model(ids)
     cache = qwen3.KVCache(model.cfg, 1, 64, "cpu", torch.float32)
     parts = [model(ids[:, :12], cache, torch.arange(12)[None])]
@@ -162,19 +163,30 @@ def test_kv_cache_logits_equal_full_forward():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def varied_model(seed):
+    """A tiny model with large random weights: its greedy answers vary from token to token (N(0, 0.02) repeats one)."""
+    model = qwen3.load_model("tiny", seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def stop_at(answers, eos):
+    return [a[:a.index(eos) + 1] if eos in a else a for a in answers]
+
+
 def test_batched_generation_equals_one_prompt_at_a_time():
-    model = qwen3.load_model("tiny", seed=3)
+    model = varied_model(3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 1)]
     single = [qwen3.generate(model, [p], 25)[0] for p in prompts]
     assert qwen3.generate(model, prompts, 25) == single
-    assert all(len(s) == 25 for s in single)
-    # rows stop at eos: pick a token that the greedy answers produce early, for some rows only
-    eos = single[1][3]
-    stopped = qwen3.generate(model, prompts, 25, eos_id=eos)
-    for out, full in zip(stopped, single):
-        expected = full[:full.index(eos) + 1] if eos in full else full
-        assert out == expected
+    assert all(len(s) == 25 for s in single) and len({tuple(s) for s in single}) == 5
+    eos = single[1][3]  # rows stop at eos: a token that the second answer produces early
+    assert qwen3.generate(model, prompts, 25, eos_id=eos) == stop_at(single, eos)
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
@@ -189,8 +201,27 @@ def test_stream_yields_tokens_as_generated():
     model = qwen3.load_model("tiny", seed=0)
     stream = qwen3.generate_stream(model, [[1, 2, 3]], 6)
     first = next(stream)
-    assert first == (0, qwen3.generate(model, [[1, 2, 3]], 1)[0][0])
-    assert len([first, *stream]) == 6
+    assert first == (0, qwen3.generate(model, [[1, 2, 3]], 1)[0][0], False)
+    rest = list(stream)
+    assert len(rest) == 5 and [done for *_, done in rest] == [False] * 4 + [True]
+
+
+def test_continuous_batching_refills_finished_slots_and_equals_single():
+    model = varied_model(4)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 13, 1, 22, 7, 9, 2)]
+    single = [qwen3.generate(model, [p], 20)[0] for p in prompts]
+    # as eos, the token that ends the most answers at different lengths
+    eos = max(range(320), key=lambda t: (len({len(a) for a in stop_at(single, t)}), -t))
+    expected = stop_at(single, eos)
+    assert len({len(e) for e in expected}) >= 3
+    for batch_size in (1, 2, 3):
+        assert qwen3.generate(model, prompts, 20, eos_id=eos, batch_size=batch_size) == expected
+    # batch 2: the third prompt starts as soon as one of the first two finishes, before the other one does
+    events = [(row, done) for row, _, done in qwen3.generate_stream(model, prompts, 20, eos, batch_size=2)]
+    first_finish = min(events.index((0, True)), events.index((1, True)))
+    third_starts = next(i for i, (row, _) in enumerate(events) if row == 2)
+    assert first_finish < third_starts < max(events.index((0, True)), events.index((1, True)))
 
 
 def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():

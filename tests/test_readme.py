@@ -36,3 +36,12 @@ def test_inline_commands_parse():
 def test_test_command_is_the_one_ci_runs():
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in README and "python3 -m pytest -q tests" in ci
+
+
+def test_gpu_script_commands_parse_and_match_the_readme():
+    script = (Path(__file__).resolve().parent.parent / ".ci" / "gpu").read_text()
+    runs = [line.split("#")[0].split() for line in script.splitlines() if line.startswith("bench ")]
+    assert len(runs) == 5
+    for argv in runs:
+        importlib.import_module("bench").parse_args(argv[1:])
+        assert " ".join(["python", "bench.py", *argv[1:], "--json"]) in commands()
