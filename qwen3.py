@@ -113,18 +113,26 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer;
-    `filled` (set by each forward) is the prefix length that attention reads."""
+    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer. Each forward first
+    calls `locate` with its tokens' positions; every layer then writes there and reads the filled prefix."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
-        self.filled = 0
+        self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
 
-    def update(self, layer, positions, k, v):
-        """Write k/v [B, H, T, D] at each row's positions [B, T]; return the filled prefix."""
-        index = positions[:, None, :, None].expand_as(k)
+    def locate(self, positions):
+        """positions [B, T]: where each row's tokens go. Key j is visible to the query at position p iff j <= p;
+        the mask has one row per folded query (see Attention): row g * T + t sees what token t sees."""
+        self.positions = positions
+        self.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward, not per layer)
+        visible = torch.arange(self.filled, device=positions.device) <= positions[:, None, :, None]
+        self.mask = visible.repeat(1, 1, self.group, 1)
+
+    def update(self, layer, k, v):
+        """Write k/v [B, H, T, D] at this forward's positions; return the filled prefix."""
+        index = self.positions[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
         return self.k[layer][:, :, :self.filled], self.v[layer][:, :, :self.filled]
@@ -152,7 +160,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, layer, cache=None, positions=None):
+    def forward(self, x, cos, sin, layer, cache=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
@@ -160,14 +168,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / full forward: plain causal attention (flash kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # each row attends to its own filled cache prefix, key j visible to query at position p iff j <= p
-            k, v = cache.update(layer, positions, k, v)
-            mask = torch.arange(k.shape[2], device=x.device) <= positions[:, None, :, None]
+        else:  # each row attends to its own filled cache prefix, under the cache's mask
+            k, v = cache.update(layer, k, v)
             # the query heads that share a key/value head become one longer query: SDPA with a mask and
             # enable_gqa would fall back to the math kernel, which copies the whole cache per head
-            group = self.n_head // self.n_kv
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, group * T, self.head_dim), k, v,
-                                               attn_mask=mask.repeat(1, 1, group, 1))
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=cache.mask)
             y = y.view(B, self.n_head, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -191,8 +196,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache=None, positions=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, positions)
+    def forward(self, x, cos, sin, layer, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,14 +223,14 @@ class Qwen3(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if cache is not None:
-            cache.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward, not per layer)
+            cache.locate(positions)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, use_reentrant=False)
             else:
-                x = block(x, cos, sin, i, cache, positions)
+                x = block(x, cos, sin, i, cache)
         return self.norm(x)
 
     def forward(self, input_ids, cache=None, positions=None):
