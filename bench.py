@@ -155,7 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="generate: tokens per prompt")
     p.add_argument("--compare", action="store_true", help="also run the per-example / sequential baseline; print the speedup")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--compile", action="store_true", help="train: torch.compile each transformer block")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (detected for common GPUs)")
     p.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B", help="data: tokenizer.json, model directory or repo id")
     p.add_argument("--sample_rows", default=str(Path(__file__).parent / "tests" / "data" / "teacher_sample.json"),
@@ -164,7 +164,10 @@ def parse_args(argv=None):
     p.add_argument("--repeat_thinking", type=int, default=3, help="data: repeat each trace to reach the real rows' ~9 kB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print all figures as JSON on the last line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compile and args.mode != "train":
+        p.error("--compile is for training: decoding changes shapes every step, and compiled blocks would recompile")
+    return args
 
 
 def main(argv=None):
@@ -179,8 +182,7 @@ def main(argv=None):
         dtype = qwen3.pick_dtype(args.dtype, device)
         model = qwen3.load_model(args.model, device, dtype, seed=args.seed)
         if args.compile:
-            for block in model.layers:
-                block.compile()
+            model.compile_blocks()
         result = (bench_train if args.mode == "train" else bench_generate)(args, model, device)
         peak = args.peak_tflops or detect_peak_tflops(device)
         result.update(model=args.model, device=torch.cuda.get_device_name() if device.startswith("cuda") else device,

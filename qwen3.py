@@ -236,6 +236,11 @@ class Qwen3(nn.Module):
     def forward(self, input_ids, cache=None, positions=None):
         return self.lm_head(self.hidden_states(input_ids, cache, positions))
 
+    def compile_blocks(self):
+        """torch.compile each block, once for all sequence lengths (dynamic shapes: no recompiling per length)."""
+        for block in self.layers:
+            block.compile(dynamic=True)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied head once
 

@@ -187,8 +187,7 @@ def main(argv=None):
         qwen3.load_weights(model, qwen3.read_checkpoint(args.checkpoint_path, device), args.checkpoint_path)
     model.grad_checkpointing = args.grad_checkpointing
     if args.compile:
-        for block in model.layers:
-            block.compile()
+        model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.startswith("cuda") or None)
     steps_per_epoch = len(optimizer_steps(train, args, 1))

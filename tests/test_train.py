@@ -167,3 +167,13 @@ def test_gradient_accumulation_token_budget_and_checkpointing_flags(synth, tmp_p
     assert all(len(b) * max(len(e["token_ids"]) for e in b) <= 600 or len(b) == 1 for b in batches)
     assert int(rows[-1]["total_steps"]) == math.ceil(len(batches) / 2)
     assert math.isfinite(float(rows[-1]["val_loss"]))
+
+
+def test_grad_checkpointing_and_compile_change_nothing_but_speed(synth, tmp_path):
+    losses = {}
+    for name, flags in (("plain", []), ("checkpointing", ["--grad_checkpointing"]), ("compiled", ["--compile"])):
+        train.main(run_args(synth, tmp_path / name, "--epochs", "1", "--batch_size", "4", *flags))
+        losses[name] = [float(r[k]) for r in read_csv(tmp_path / name / "metrics.csv") for k in ("train_loss", "val_loss")]
+    assert len(losses["plain"]) > 6
+    for name in ("checkpointing", "compiled"):
+        assert losses[name] == pytest.approx(losses["plain"], rel=1e-4, abs=1e-5), name
