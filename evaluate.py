@@ -648,10 +648,11 @@ def generate_records(args, rows, done, out_file):
                 out_file.flush()
                 records.append(record)
                 bar.update(1)
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) "
-                         f"positions): lower --batch_size; the {len(records)} finished problems are kept in "
-                         f"{out_file.name}, continue with --resume") from None
+    except (torch.OutOfMemoryError, KeyboardInterrupt) as stop:
+        why = ("error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) positions): "
+               "lower --batch_size" if isinstance(stop, torch.OutOfMemoryError) else "interrupted")
+        raise SystemExit(f"{why}; the {len(records)} finished problems are kept in {out_file.name}, "
+                         "continue with --resume") from None
     bar.close()
     return records, time.time() - start
 

@@ -171,7 +171,7 @@ class Attention(nn.Module):
         else:  # each row attends to its own filled cache prefix, under the cache's mask
             k, v = cache.update(layer, k, v)
             # the query heads that share a key/value head become one longer query: SDPA with a mask and
-            # enable_gqa would fall back to the math kernel, which copies the whole cache per head
+            # enable_gqa falls back to the math kernel, which repeats the cached keys/values for every head
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=cache.mask)
             y = y.view(B, self.n_head, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -197,19 +197,21 @@ def test_wilson_interval():
     assert evaluate.wilson_interval(0, 10)[0] == 0.0
 
 
-def test_out_of_memory_keeps_finished_records_for_resume(checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop, message", [(torch.OutOfMemoryError("CUDA out of memory"), "out of memory.*lower --batch_size"),
+                                           (KeyboardInterrupt(), "interrupted")])
+def test_a_stopped_evaluation_keeps_finished_records_for_resume(checkpoint, tmp_path, monkeypatch, stop, message):
     full, _ = run_eval(checkpoint, tmp_path / "full.jsonl", "--batch_size", "2")
     calls, real = [], qwen3.Qwen3.forward
 
-    def forward_then_oom(self, *a, **k):  # decoding runs out of memory after the first two answers are complete
+    def forward_then_stop(self, *a, **k):  # decoding stops after the first two answers are complete
         calls.append(1)
         if len(calls) > 15:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+            raise stop
         return real(self, *a, **k)
 
-    monkeypatch.setattr(qwen3.Qwen3, "forward", forward_then_oom)
-    out = tmp_path / "oom.jsonl"
-    with pytest.raises(SystemExit, match="out of memory.*lower --batch_size.*2 finished problems.*--resume"):
+    monkeypatch.setattr(qwen3.Qwen3, "forward", forward_then_stop)
+    out = tmp_path / "stopped.jsonl"
+    with pytest.raises(SystemExit, match=message + ".*2 finished problems.*--resume"):
         run_eval(checkpoint, out, "--batch_size", "2")
     assert len(out.read_text().splitlines()) == 2
     monkeypatch.setattr(qwen3.Qwen3, "forward", real)
