@@ -277,15 +277,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h = hidden[s:s + ctx.chunk_size]
-            probs = (h @ weight.t()).float().softmax(-1)  # d nll / d logits = softmax - onehot
-            probs[torch.arange(len(h), device=h.device), targets[s:s + ctx.chunk_size]] -= 1
-            grad_logits = probs * (token_weights[s:s + ctx.chunk_size, None] * grad_total)
-            grad_hidden[s:s + ctx.chunk_size] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
-            grad_weight += grad_logits.t() @ h.float()
+            grad_logits = torch.softmax(h @ weight.t(), -1, dtype=torch.float32)  # d nll / d logits = softmax - onehot
+            grad_logits[torch.arange(len(h), device=h.device), targets[s:s + ctx.chunk_size]] -= 1
+            grad_logits = grad_logits.mul_(token_weights[s:s + ctx.chunk_size, None] * grad_total).to(weight.dtype)
+            grad_hidden[s:s + ctx.chunk_size] = grad_logits @ weight
+            # matmuls in the weights' dtype (bfloat16 tensor cores, not float32 ones), summed over chunks in float32
+            grad_weight += grad_logits.t() @ h
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def answer_loss(model, input_ids, targets, loss_mask, per_example_mean=False, normalizer=None, chunk_size=1024):
+def answer_loss(model, input_ids, targets, loss_mask, per_example_mean=False, normalizer=None, chunk_size=512):
     """Cross-entropy over the answer tokens only (loss_mask True), accumulated in float32.
 
     Default: sum of token losses / normalizer, the number of answer tokens (of this batch unless given:

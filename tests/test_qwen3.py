@@ -224,9 +224,10 @@ def test_continuous_batching_refills_finished_slots_and_equals_single():
     assert first_finish < third_starts < max(events.index((0, True)), events.index((1, True)))
 
 
-def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_chunked_cross_entropy_equals_plain_in_value_and_gradient(dtype, tolerance):
     torch.manual_seed(0)
-    model = qwen3.Qwen3(qwen3.Qwen3Config(**CONFIGS[1], max_position_embeddings=512))
+    model = qwen3.Qwen3(qwen3.Qwen3Config(**CONFIGS[1], max_position_embeddings=512)).to(dtype)
     ids = torch.randint(0, 280, (3, 20))
     targets = torch.randint(0, 280, (3, 20))
     mask = torch.zeros(3, 20, dtype=torch.bool)
@@ -236,11 +237,11 @@ def test_chunked_cross_entropy_equals_plain_in_value_and_gradient():
     chunked_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     logits = model(ids)
-    plain = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    plain = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask])
     plain.backward()
-    torch.testing.assert_close(loss, plain)
-    for g, p in zip(chunked_grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(loss, plain, atol=tolerance / 10, rtol=tolerance / 10)
+    for g, p in zip(chunked_grads, model.parameters()):  # bfloat16: the chunks' head gradients round separately
+        assert g.dtype == dtype and (g.float() - p.grad.float()).norm() <= tolerance * p.grad.float().norm()
 
 
 def test_tiny_tokenizer_special_tokens_and_chat_template():
