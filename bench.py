@@ -1,32 +1,45 @@
 """
-Benchmarks on synthetic inputs: training throughput / MFU / memory, generation throughput, data preparation.
+Benchmarks: training speed, MFU and memory; time to a target loss; memory estimates; generation; data.
 
     python bench.py train --model tiny --batch_size 16 --seq_len 256 --compare
     python bench.py train --model random-0.6B --device cuda --batch_size 8 --seq_len 2048 --compare
+    python bench.py memory --model random-4B --processes 8
+    python bench.py converge --target_loss 0.3 -- --model tiny --which_model base --data_path demo/train.json
     python bench.py generate --model tiny --batch_size 16 --compare
     python bench.py data --tokenizer ../shared/qwen3-tokenizer/tokenizer.json
+Under torchrun, `train` also reports the total over processes and the scaling efficiency.
 --json prints every figure as one JSON object on the last line.
 """
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import data
 import qwen3
 import train
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}  # dense bf16
+# dense bfloat16 peaks, for MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+# -----------------------------------------------------------------------------
+# Helpers
 
 
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def reset_peak_memory(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
 
 
 def detect_peak_tflops(device):
@@ -36,27 +49,25 @@ def detect_peak_tflops(device):
     return None
 
 
+def autocast_for(precision, device):
+    _, _, autocast_dtype = precision
+    return torch.autocast(device.split(":")[0], autocast_dtype) if autocast_dtype else None
+
+
 def synthetic_examples(n, seq_len, vocab_size, seed):
     """Examples of 50-100% of seq_len tokens, the first quarter prompt: lengths vary as in real data."""
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
         length = rng.randint(seq_len // 2, seq_len)
-        examples.append({"token_ids": [rng.randrange(vocab_size) for _ in range(length)], "prompt_len": length // 4, "row": 0})
+        examples.append({"token_ids": [rng.randrange(vocab_size) for _ in range(length)],
+                         "prompt_len": length // 4, "row": 0})
     return examples
 
 
-def reference_step_loss(model, example, device):
-    """The reference's loss: full logits of one example, cross-entropy from prompt_len - 1 on."""
-    ids = torch.as_tensor(example["token_ids"], device=device).long()[None]
-    logits = model(ids[:, :-1])
-    start = example["prompt_len"] - 1
-    return F.cross_entropy(logits[0, start:].float(), ids[0, start + 1:])
-
-
-def time_training(model, steps, device, step_fn, warmup):
-    """Seconds for the timed steps (after warm-up) and trained tokens in them."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=str(device).startswith("cuda") or None)
+def time_steps(parameters, steps, device, step_fn, warmup):
+    """Seconds for the timed steps (after warm-up) and the tokens step_fn reports; AdamW at lr 1e-5."""
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=str(device).startswith("cuda") or None)
     tokens, start = 0, None
     for i, step in enumerate(steps):
         if i == warmup:
@@ -69,35 +80,207 @@ def time_training(model, steps, device, step_fn, warmup):
     return time.time() - start, tokens
 
 
-def bench_train(args, model, device):
-    examples = synthetic_examples(args.batch_size * (args.steps + args.warmup), args.seq_len, model.cfg.vocab_size, args.seed)
+# -----------------------------------------------------------------------------
+# Training speed, MFU and memory
+
+
+def bench_train(args, model, device, rank, world_size):
+    """train.py's own step (collate, chunked answer loss, backward) on synthetic batches."""
+    precision = train.pick_precision(args.dtype, device)
+    autocast = autocast_for(precision, device)
+    step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5)
+    n = args.batch_size * (args.steps + args.warmup)
+    examples = synthetic_examples(n, args.seq_len, model.cfg.vocab_size, args.seed + rank)
+    batches = [[b] for b in data.make_batches(examples, args.batch_size, args.seed)]
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
 
-    def fast_step(batch):  # exactly train.py's step: collate, chunked answer loss, backward
-        return train.step_loss(model, [batch], False, device)[1]
+    def measure(trained, soft=None):
+        def step(micro_batches):
+            return train.forward_backward(trained, micro_batches, step_args, device, autocast=autocast,
+                                          soft=soft)[2]
+        reset_peak_memory(device)
+        seconds, tokens = time_steps(model.parameters(), batches, device, step, args.warmup)
+        return tokens / seconds, qwen3.peak_memory_gib(device)
 
-    batches = data.make_batches(examples, args.batch_size, args.seed)
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    seconds, tokens = time_training(model, batches, device, fast_step, args.warmup)
-    flops_per_token = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
-    result = {"mode": "train", "tokens_per_sec": tokens / seconds, "step_time_s": seconds / args.steps,
-              "tflops": flops_per_token * tokens / seconds / 1e12, "peak_memory_gib": qwen3.peak_memory_gib(device)}
-    if args.compare:
-        def reference_step(example):
-            reference_step_loss(model, example, device).backward()
+    before = [p.detach().clone() for p in model.parameters()] if args.count_changes else []
+    tokens_per_sec, memory = measure(model)
+    flops = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
+    result = {"mode": "train", "precision": precision[0], "tokens_per_sec": tokens_per_sec,
+              "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory}
+    if before:  # AdamW at lr 1e-5: how many weights did its steps move at all?
+        changed = sum((p != b).sum().item() for p, b in zip(model.parameters(), before))
+        result["changed_fraction"] = changed / model.num_params()
+    if world_size > 1:  # the same steps again, gradients synchronised: what data parallelism costs
+        trained = train.wrap(model, argparse.Namespace(fsdp=args.fsdp), precision, world_size)
+        per_process, memory = measure(trained)
+        result.update(tokens_per_sec=per_process, single_process_tokens_per_sec=tokens_per_sec,
+                      tokens_per_sec_total=qwen3.all_sum([per_process], device)[0], processes=world_size,
+                      scaling_efficiency=per_process / tokens_per_sec, tflops=flops * per_process / 1e12,
+                      peak_memory_gib=memory)
+    if args.teacher:
+        teacher_args = argparse.Namespace(teacher=args.teacher, teacher_device=None, cache_dir=None,
+                                          kd_temperature=1.0, kd_loss="forward_kl", jsd_beta=0.5)
+        teacher = train.Teacher(teacher_args, qwen3.load_tokenizer(args.model), model.cfg.vocab_size, device)
+        kd_tokens_per_sec, kd_memory = measure(model, teacher)
+        result.update(kd_tokens_per_sec=kd_tokens_per_sec, kd_time_ratio=tokens_per_sec / kd_tokens_per_sec,
+                      kd_peak_memory_gib=kd_memory, kd_extra_memory_gib=kd_memory - memory)
+    if args.compare:  # the reference's loop: one example per step, full logits (train.plain_answer_loss)
+        def reference_step(micro_batches):
+            (example,) = micro_batches[0]
+            with autocast or nullcontext():
+                loss = train.plain_answer_loss(model, [example], [1.0 / train.answer_len(example)], device)
+            loss.backward()
             return len(example["token_ids"]) - 1
-        n = min(len(examples), args.batch_size * 4 + args.warmup)
-        seconds, tokens = time_training(model, examples[:n], device, reference_step, args.warmup)
-        result.update(baseline_tokens_per_sec=tokens / seconds, speedup=result["tokens_per_sec"] / (tokens / seconds))
+        singles = [[[e]] for e in examples[:args.batch_size * 4 + args.warmup]]
+        seconds, tokens = time_steps(model.parameters(), singles, device, reference_step, args.warmup)
+        result.update(baseline_tokens_per_sec=tokens / seconds, speedup=tokens_per_sec * seconds / tokens)
     return result
+
+
+def report_train(args, result):
+    scaling = ""
+    if "processes" in result:
+        scaling = (f" per process, {result['tokens_per_sec_total']:,.0f} in all over {result['processes']} "
+                   f"(scaling efficiency {100 * result['scaling_efficiency']:.0f}%)")
+    mfu = f", MFU {100 * result['mfu']:.1f}%" if "mfu" in result else ""
+    changed = (f"; AdamW moved {100 * result['changed_fraction']:.1f}% of the weights"
+               if "changed_fraction" in result else "")
+    print(f"train on {result['device']} ({result['precision']}), batch {args.batch_size}: "
+          f"{result['tokens_per_sec']:,.0f} tokens/s{scaling}, {result['tflops']:.2f} TFLOP/s{mfu}, "
+          f"peak memory {result['peak_memory_gib']:.2f} GiB{changed}")
+    if "speedup" in result:
+        print(f"baseline (per-example, full logits): {result['baseline_tokens_per_sec']:,.0f} tokens/s -> "
+              f"speedup {result['speedup']:.1f}x")
+    if "kd_time_ratio" in result:
+        print(f"soft distillation from {args.teacher}: {result['kd_tokens_per_sec']:,.0f} tokens/s "
+              f"({result['kd_time_ratio']:.2f}x the time per step), peak memory "
+              f"{result['kd_peak_memory_gib']:.2f} GiB ({result['kd_extra_memory_gib']:+.2f})")
+
+
+# -----------------------------------------------------------------------------
+# Time to a target validation loss
+
+
+def bench_converge(args, train_argv):
+    """Train as train.py would until the validation loss reaches --target_loss: the wall time of the training
+    steps (validation excluded), checked every --eval_every examples, so batch sizes compare at equal data."""
+    targs = train.parse_args(train_argv)
+    device = qwen3.pick_device(targs.device)
+    precision = train.pick_precision(targs.dtype, device)
+    autocast = autocast_for(precision, device)
+    model = qwen3.load_model(targs.model, device, precision[1], targs.cache_dir, targs.seed)
+    tok = qwen3.load_tokenizer(targs.model, targs.which_model, targs.cache_dir)
+    train_examples, val = train.load_examples(targs, tok, say=lambda *a: None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
+                                  fused=device.startswith("cuda") or None)
+    total_steps = len(train.optimizer_steps(train_examples, targs, 1, 1)) * targs.epochs
+    all_steps = (step for epoch in range(1, targs.epochs + 1)
+                 for step in train.optimizer_steps(train_examples, targs, epoch, 1))
+    seconds, steps, examples, tokens, curve, next_check = 0.0, 0, 0, 0, [], args.eval_every
+    model.train()
+    for micro_batches in all_steps:  # train.py's steps 1-5, timed
+        start = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = train.learning_rate(steps, total_steps, targs)
+        tokens += train.forward_backward(model, micro_batches, targs, device, autocast=autocast)[2]
+        if targs.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        seconds, steps = seconds + time.time() - start, steps + 1
+        examples += sum(map(len, micro_batches))
+        if examples >= next_check or steps == total_steps:
+            next_check += args.eval_every
+            val_loss = train.validation_loss(model, val, targs, device, autocast=autocast)
+            curve.append((round(seconds, 2), examples, val_loss))
+            if val_loss <= args.target_loss:
+                break
+    return {"mode": "converge", "precision": precision[0], "target_loss": args.target_loss,
+            "reached": curve[-1][2] <= args.target_loss, "seconds": seconds, "steps": steps,
+            "examples": examples, "val_loss": curve[-1][2], "tokens_per_sec": tokens / seconds,
+            "batch_size": targs.batch_size,
+            "lr": targs.lr, "curve": curve}
+
+
+# -----------------------------------------------------------------------------
+# Memory estimates
+
+
+def bench_memory(args):
+    """Training memory per GPU for a model shape, estimated on the CPU: weights, gradients and AdamW state by
+    precision mode (bytes per parameter), the activations autograd keeps for backward (measured on a one- and
+    a two-block model at 256 tokens, scaled to the blocks and tokens asked for) and the largest chunk of the
+    loss. With --processes N, FSDP's shards: the state divided by N, plus the blocks gathered at a time."""
+    cfg = qwen3.RANDOM_CONFIGS[args.model]
+    params = qwen3._empty_model(cfg, "meta", torch.float32).num_params()
+    one_block = qwen3._empty_model(dataclasses.replace(cfg, num_hidden_layers=1), "meta", torch.float32)
+    block = sum(p.numel() for p in one_block.layers.parameters())
+    result = {"mode": "memory", "model": args.model, "params": params,
+              "tokens": args.batch_size * args.seq_len}
+    for mode, (weights_dtype, autocast_dtype) in train.PRECISIONS.items():
+        weight_bytes = torch.finfo(weights_dtype).bits // 8
+        state = params * weight_bytes * 4  # weights, gradients, AdamW's two moments: in the weights' dtype
+        if args.processes > 1:  # FSDP: a 1/N shard of it, and two blocks gathered at a time (one prefetched),
+            # in bfloat16 under mixed precision, which FSDP computes in without autocast's copies
+            state = state / args.processes + 2 * block * (2 if autocast_dtype else weight_bytes)
+            weights_dtype = torch.bfloat16 if autocast_dtype else weights_dtype
+            autocast_dtype = None
+        copies, per_block, fixed = _saved_tensors(cfg, weights_dtype, autocast_dtype)
+        activations = (fixed + per_block * cfg.num_hidden_layers) * result["tokens"] / 256
+        chunk = 512 * cfg.vocab_size * (4 + 4 + 2)  # float32 logits and their gradient, its bfloat16 copy
+        result[mode] = {"state_gib": state / 2**30, "weight_copies_gib": copies / 2**30,
+                        "activations_gib": activations / 2**30, "loss_chunk_gib": chunk / 2**30,
+                        "total_gib": (state + copies + activations + chunk) / 2**30}
+    return result
+
+
+def _saved_tensors(cfg, weights_dtype, autocast_dtype, tokens=256):
+    """Bytes autograd saves in a forward of `tokens` tokens, as (bfloat16 weight copies made by autocast,
+    per block, the rest), from one- and two-block models of the config's width."""
+    totals = []
+    for layers in (1, 2):
+        model = qwen3._empty_model(dataclasses.replace(cfg, num_hidden_layers=layers), "cpu", weights_dtype)
+        own = {p.data_ptr() for p in model.parameters()}
+        shapes = {tuple(p.shape) for p in model.parameters()}
+        saved = {}  # storage -> (bytes, is a weight copy)
+
+        def pack(t):
+            if t.data_ptr() not in own:
+                storage = t.untyped_storage()
+                saved[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape) in shapes)
+            return t
+        batch = [{"token_ids": torch.zeros(tokens + 1, dtype=torch.long), "prompt_len": 1, "row": 0}]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            train.answer_loss(model, batch, [1.0 / tokens], "cpu")
+        copies = sum(n for n, copy in saved.values() if copy)
+        totals.append((copies, sum(n for n, _ in saved.values()) - copies))
+    (copies1, acts1), (copies2, acts2) = totals
+    per_block = acts2 - acts1
+    copies = copies1 + (copies2 - copies1) * (cfg.num_hidden_layers - 1)
+    return copies, per_block, acts1 - per_block
+
+
+def report_memory(args, result):
+    fsdp = f", FSDP over {args.processes} GPUs" if args.processes > 1 else ""
+    print(f"{args.model} ({result['params'] / 1e9:.2f}B parameters), {result['tokens']} tokens per "
+          f"micro-batch{fsdp}: GiB per GPU")
+    for mode in train.PRECISIONS:
+        r = result[mode]
+        print(f"  {mode:>13}: {r['total_gib']:6.1f} = weights, gradients and AdamW {r['state_gib']:.1f} + "
+              f"bfloat16 weight copies {r['weight_copies_gib']:.1f} + activations "
+              f"{r['activations_gib']:.1f} + loss chunk {r['loss_chunk_gib']:.1f}")
+
+# -----------------------------------------------------------------------------
+# Generation and data preparation
 
 
 def bench_generate(args, model, device):
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(model.cfg.vocab_size) for _ in range(rng.randint(args.seq_len // 2, args.seq_len))]
-               for _ in range(args.batch_size)]
+    lengths = [rng.randint(args.seq_len // 2, args.seq_len) for _ in range(args.batch_size)]
+    prompts = [[rng.randrange(model.cfg.vocab_size) for _ in range(n)] for n in lengths]
     model.eval()
     qwen3.generate(model, prompts[:2], 4)  # warm-up
     sync(device)
@@ -106,10 +289,11 @@ def bench_generate(args, model, device):
     sync(device)
     seconds = time.time() - start
     tokens = sum(map(len, out))
-    result = {"mode": "generate", "tokens_per_sec": tokens / seconds, "peak_memory_gib": qwen3.peak_memory_gib(device)}
-    if args.compare:
+    result = {"mode": "generate", "precision": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
+              "tokens_per_sec": tokens / seconds, "peak_memory_gib": qwen3.peak_memory_gib(device)}
+    if args.compare:  # the plain loop: one prompt at a time (qwen3.generate_simple)
         start = time.time()
-        singles = [qwen3.generate(model, [p], args.max_new_tokens)[0] for p in prompts]
+        singles = [qwen3.generate_simple(model, p, args.max_new_tokens) for p in prompts]
         sync(device)
         baseline = sum(map(len, singles)) / (time.time() - start)
         result.update(baseline_tokens_per_sec=baseline, speedup=result["tokens_per_sec"] / baseline,
@@ -117,8 +301,16 @@ def bench_generate(args, model, device):
     return result
 
 
+def report_generate(args, result):
+    print(f"generate on {result['device']} ({result['precision']}), batch {args.batch_size}: "
+          f"{result['tokens_per_sec']:,.0f} tokens/s, peak memory {result['peak_memory_gib']:.2f} GiB")
+    if "speedup" in result:
+        print(f"baseline (one prompt at a time): {result['baseline_tokens_per_sec']:,.0f} tokens/s -> "
+              f"speedup {result['speedup']:.1f}x, output identical: {result['identical_to_sequential']}")
+
+
 def bench_data(args):
-    """Tokenize a teacher file of realistic size (12,000 rows, ~100 MB made from real rows), cold and cached."""
+    """Tokenize a teacher file of the real size (12,000 rows, ~100 MB, from real rows), cold and cached."""
     tok = qwen3.load_tokenizer(args.tokenizer, "reasoning")
     sample = data.read_rows(args.sample_rows)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,77 +324,118 @@ def bench_data(args):
         path.write_text(json.dumps(rows))
         size_mb = path.stat().st_size / 1e6
         start = time.time()
-        examples, _, _ = data.prepare_examples(path, tok, True, cache_dir=tmp)
+        examples, _, _ = data.prepare_examples(path, tok, use_think_tokens=True, cache_dir=tmp)
         cold = time.time() - start
         start = time.time()
-        data.prepare_examples(path, tok, True, cache_dir=tmp)
+        data.prepare_examples(path, tok, use_think_tokens=True, cache_dir=tmp)
         cached = time.time() - start
     tokens = sum(len(e["token_ids"]) for e in examples)
-    return {"mode": "data", "rows": args.rows, "file_mb": size_mb, "tokens": tokens, "cold_s": cold, "cached_s": cached,
-            "cold_tokens_per_sec": tokens / cold}
+    return {"mode": "data", "rows": args.rows, "file_mb": size_mb, "tokens": tokens, "cold_s": cold,
+            "cached_s": cached, "cold_tokens_per_sec": tokens / cold}
+
+
+# -----------------------------------------------------------------------------
+# Command line
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=["train", "generate", "data"])
-    p.add_argument("--model", default="tiny", help="'tiny', 'random-0.6B' (Qwen3-0.6B shape, no download), a Hub repo id or a local directory")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=256, help="longest example / prompt (lengths vary from half of it)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="generate: tokens per prompt")
-    p.add_argument("--compare", action="store_true", help="also run the per-example / sequential baseline; print the speedup")
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="train: torch.compile each transformer block")
-    p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (detected for common GPUs)")
-    p.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B", help="data: tokenizer.json, model directory or repo id")
-    p.add_argument("--sample_rows", default=str(Path(__file__).parent / "tests" / "data" / "teacher_sample.json"),
-                   help="data: real teacher rows to build the 12,000-row file from")
-    p.add_argument("--rows", type=int, default=12000)
-    p.add_argument("--repeat_thinking", type=int, default=3, help="data: repeat each trace to reach the real rows' ~9 kB")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print all figures as JSON on the last line")
-    args = p.parse_args(argv)
-    if args.compile and args.mode != "train":
-        p.error("--compile is for training: decoding changes shapes every step, and compiled blocks would recompile")
-    return args
+    p, sub = qwen3.parser(__doc__, train="training throughput, MFU and memory on synthetic batches",
+                          memory="training memory per GPU of a model shape in each precision mode, estimated "
+                                 "on the CPU",
+                          converge="time to a target validation loss, training as train.py does",
+                          generate="generation throughput on synthetic prompts",
+                          data="tokenizing a teacher file of the real size, cold and cached")
+    for name in ("train", "generate"):
+        s = sub[name]
+        qwen3.add_flags(s, "--model", "--device", model=dict(default="tiny"))
+        s.add_argument("--batch_size", type=int, default=16)
+        s.add_argument("--seq_len", type=int, default=256,
+                       help="longest example / prompt (lengths vary from half of it)")
+        s.add_argument("--compare", action="store_true",
+                       help="also time the plain baseline; print the speedup")
+        s.add_argument("--seed", type=int, default=0)
+    t = sub["train"]
+    t.add_argument("--dtype", default="auto", choices=["auto", *train.PRECISIONS],
+                   help="training precision, as in train.py")
+    t.add_argument("--steps", type=int, default=10, help="timed training steps")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    t.add_argument("--grad_checkpointing", action="store_true")
+    t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    t.add_argument("--count_changes", action="store_true",
+                   help="report the share of weights that the steps changed")
+    t.add_argument("--teacher", default=None, help="also time soft distillation from this teacher (e.g. "
+                   "'tiny', 'random-4B'); prints the extra time and memory")
+    t.add_argument("--peak_tflops", type=float, default=None,
+                   help="device peak for MFU (detected for common GPUs)")
+    g = sub["generate"]
+    qwen3.add_flags(g, "--dtype")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per prompt")
+    m = sub["memory"]
+    m.add_argument("--model", default="random-0.6B", choices=[n for n in qwen3.RANDOM_CONFIGS if n != "tiny"])
+    m.add_argument("--batch_size", type=int, default=1)
+    m.add_argument("--seq_len", type=int, default=2048, help="tokens per example")
+    m.add_argument("--processes", type=int, default=1, help="FSDP over this many GPUs")
+    c = sub["converge"]
+    c.add_argument("--target_loss", type=float, required=True,
+                   help="stop when the validation loss is this low")
+    c.add_argument("--eval_every", type=int, default=500, help="validate every N training examples")
+    d = sub["data"]
+    d.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B",
+                   help="tokenizer.json, model directory or repo id")
+    d.add_argument("--sample_rows", default=str(Path(__file__).parent / "tests" / "data" /
+                                                "teacher_sample.json"),
+                   help="real teacher rows to build the 12,000-row file from")
+    d.add_argument("--rows", type=int, default=12000)
+    d.add_argument("--repeat_thinking", type=int, default=3,
+                   help="repeat each trace to reach the real rows' ~9 kB")
+    for s in sub.values():
+        s.add_argument("--json", action="store_true", help="print all figures as JSON on the last line")
+    args, rest = p.parse_known_args(argv)  # converge passes the rest (after --) to train.py's parser
+    if rest and args.cmd != "converge":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args, [r for r in rest if r != "--"]
 
 
 def main(argv=None):
-    args = parse_args(argv)
-
-    if args.mode == "data":
+    args, train_argv = parse_args(argv)
+    rank = 0
+    if args.cmd == "data":
         result = bench_data(args)
-        print(f"tokenized {result['rows']} rows ({result['file_mb']:.0f} MB, {result['tokens'] / 1e6:.1f}M tokens): "
-              f"cold {result['cold_s']:.1f} s, cached {result['cached_s']:.2f} s")
-    else:
-        device = qwen3.pick_device(args.device)
-        dtype = qwen3.pick_dtype(args.dtype, device)
+        print(f"tokenized {result['rows']} rows ({result['file_mb']:.0f} MB, {result['tokens'] / 1e6:.1f}M "
+              f"tokens): cold {result['cold_s']:.1f} s, cached {result['cached_s']:.2f} s")
+    elif args.cmd == "memory":
+        result = bench_memory(args)
+        report_memory(args, result)
+    elif args.cmd == "converge":
+        result = bench_converge(args, train_argv)
+        print(f"{'reached' if result['reached'] else 'did not reach'} validation loss {args.target_loss} "
+              f"({result['val_loss']:.4f}) in {result['seconds']:.1f} s of training: {result['steps']} "
+              f"steps, {result['examples']} examples, {result['tokens_per_sec']:,.0f} tokens/s")
+    else:  # train, generate: a model on a device (one per process under torchrun)
+        rank, world_size, device = qwen3.init_processes(args.device)
+        if args.cmd == "train":
+            dtype = train.pick_precision(args.dtype, device)[1]
+        else:
+            dtype = qwen3.pick_dtype(args.dtype, device)
         model = qwen3.load_model(args.model, device, dtype, seed=args.seed)
-        if args.compile:
+        if args.cmd == "train" and args.compile:
             model.compile_blocks()
-        result = (bench_train if args.mode == "train" else bench_generate)(args, model, device)
-        peak = args.peak_tflops or detect_peak_tflops(device)
-        result.update(model=args.model, device=torch.cuda.get_device_name() if device.startswith("cuda") else device,
-                      dtype=str(dtype).replace("torch.", ""), batch_size=args.batch_size, seq_len=args.seq_len)
+        if args.cmd == "train":
+            result = bench_train(args, model, device, rank, world_size)
+        else:
+            result = bench_generate(args, model, device)
+        name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+        result.update(model=args.model, device=name, batch_size=args.batch_size, seq_len=args.seq_len,
+                      torch=torch.__version__)
+        peak = getattr(args, "peak_tflops", None) or detect_peak_tflops(device)
         if peak and "tflops" in result:
             result["mfu"] = result["tflops"] / peak
-        print(f"{args.mode} on {result['device']} ({result['dtype']}), batch {args.batch_size}: "
-              f"{result['tokens_per_sec']:,.0f} tokens/s" +
-              (f", {result['tflops']:.2f} TFLOP/s" if "tflops" in result else "") +
-              (f", MFU {100 * result['mfu']:.1f}%" if "mfu" in result else "") +
-              f", peak memory {result['peak_memory_gib']:.2f} GiB")
-        if args.compare:
-            print(f"baseline ({'per-example, full logits' if args.mode == 'train' else 'one prompt at a time'}): "
-                  f"{result['baseline_tokens_per_sec']:,.0f} tokens/s -> speedup {result['speedup']:.1f}x")
-    if args.json:
+        if rank == 0:
+            (report_train if args.cmd == "train" else report_generate)(args, result)
+    if args.json and rank == 0:
         print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
-        raise SystemExit(f"error: {err}")
+    qwen3.run(main)

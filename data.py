@@ -1,12 +1,15 @@
 """
-Teacher data: load, format, tokenize (cached), filter by length, split; and an offline synthetic dataset.
+Teacher data: load, format, tokenize (cached), filter, split, batch; the offline synthetic dataset;
+a teacher's top-k log-probabilities for soft distillation.
 
     python data.py stats --data_path deepseek-r1-math-train --use_think_tokens --max_seq_len 2048
     python data.py synth --out demo
+    python data.py teacher-logits --teacher Qwen/Qwen3-4B --use_think_tokens --out r1-top64.pt
 """
-import argparse
 import hashlib
 import json
+import math
+import os
 import random
 import sys
 from array import array
@@ -17,7 +20,8 @@ import torch
 
 import qwen3
 
-PARTITIONS = ["deepseek-r1-math-train", "deepseek-r1-math500", "qwen3-235b-a22b-math-train", "qwen3-235b-a22b-math500"]
+PARTITIONS = ["deepseek-r1-math-train", "deepseek-r1-math500", "qwen3-235b-a22b-math-train",
+              "qwen3-235b-a22b-math500"]
 DATA_URLS = ["https://huggingface.co/datasets/rasbt/math_distill/resolve/main/data/{partition}.json",
              "https://f001.backblazeb2.com/file/reasoning-from-scratch/MATH/{partition}.json"]
 MATH500_URL = ("https://raw.githubusercontent.com/rasbt/reasoning-from-scratch/main/"
@@ -43,8 +47,8 @@ def fetch(urls, dest):
             return qwen3.download(url, dest)
         except qwen3.DownloadError as e:
             errors.append(str(e).splitlines()[0])
-    raise qwen3.DownloadError(f"could not download {dest.name} ({'; '.join(errors)}). Without internet, copy the file "
-                              f"to {dest} or pass a local path.")
+    raise qwen3.DownloadError(f"could not download {dest.name} ({'; '.join(errors)}). Without internet, copy "
+                              f"the file to {dest} or pass a local path.")
 
 
 def resolve_data_path(partition_or_path, cache_dir=None):
@@ -67,7 +71,8 @@ def read_rows(path):
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data": several JSON values, i.e. JSON Lines
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                                 f"{e.msg}") from None
     if rows is None:
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
@@ -75,7 +80,8 @@ def read_rows(path):
                 if line.strip():
                     rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {line_no} column {e.colno}: {e.msg}") from None
+                raise ValueError(f"{path}: invalid JSON at line {line_no} column {e.colno}: "
+                                 f"{e.msg}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of rows at the top level, got {type(rows).__name__}")
     if not rows:
@@ -90,7 +96,8 @@ def load_distill_data(partition_or_path, cache_dir=None):
 def load_math500(path=None, cache_dir=None):
     """MATH-500 (downloaded and cached when no path is given) or any file in its schema."""
     if path is None:
-        path = fetch([MATH500_URL], Path(cache_dir or qwen3.default_cache_dir()) / "data" / "math500_test.json")
+        path = fetch([MATH500_URL], Path(cache_dir or qwen3.default_cache_dir()) / "data" /
+                     "math500_test.json")
     elif not Path(path).is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     return read_rows(path)
@@ -161,20 +168,27 @@ def build_examples(rows, tokenizer, use_think_tokens):
     bar.close()
     # int32 tensors, not lists of Python ints: a twentieth of the memory, and the token cache loads as views
     # (array -> tensor is three times faster than torch.tensor(list))
-    examples = [{"token_ids": torch.frombuffer(array("i", p + t + [tokenizer.eos_token_id]), dtype=torch.int32),
-                 "prompt_len": len(p), "row": i} for (i, _, _), p, t in zip(texts, prompts, targets)]
+    examples = [{"token_ids": torch.frombuffer(array("i", p + t + [tokenizer.eos_token_id]),
+                                               dtype=torch.int32), "prompt_len": len(p), "row": i}
+                for (i, _, _), p, t in zip(texts, prompts, targets)]
     return examples, skipped
 
 
+def examples_key(path, tokenizer, use_think_tokens):
+    """What the tokenized examples of a file depend on: its content, the tokenizer and its variant, the think
+    flag and the format version. Files derived from them (token cache, teacher logits) carry this key."""
+    parts = [hashlib.sha256(Path(path).read_bytes()).hexdigest(), tokenizer.sha256, tokenizer.kind,
+             str(bool(use_think_tokens)), str(FORMAT_VERSION)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
 def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None):
-    """build_examples for a file, cached on disk by (file content, tokenizer, variant, think flag, format version).
+    """build_examples for a file, cached on disk under its examples_key.
 
     Returns (examples, skipped, num_rows). A cache file whose key or structure is wrong is rebuilt.
     """
     path = resolve_data_path(data_path, cache_dir)
-    key_parts = [hashlib.sha256(path.read_bytes()).hexdigest(), tokenizer.sha256, tokenizer.kind,
-                 str(bool(use_think_tokens)), str(FORMAT_VERSION)]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
+    key = examples_key(path, tokenizer, use_think_tokens)
     cache_file = Path(cache_dir or qwen3.default_cache_dir()) / "tokenized" / f"{path.stem}-{key}.pt"
     if cache_file.exists():
         cached = _read_token_cache(cache_file, key)
@@ -189,13 +203,12 @@ def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None):
 def _write_token_cache(cache_file, key, examples, skipped, num_rows):
     lengths = torch.tensor([len(e["token_ids"]) for e in examples], dtype=torch.int64)
     state = {"key": key, "num_rows": num_rows, "skipped": dict(skipped),
-             "tokens": torch.cat([e["token_ids"] for e in examples]) if examples else torch.zeros(0, dtype=torch.int32),
-             "lengths": lengths, "prompt_lens": torch.tensor([e["prompt_len"] for e in examples], dtype=torch.int64),
+             "tokens": torch.cat([e["token_ids"] for e in examples]) if examples else
+             torch.zeros(0, dtype=torch.int32), "lengths": lengths,
+             "prompt_lens": torch.tensor([e["prompt_len"] for e in examples], dtype=torch.int64),
              "rows": torch.tensor([e["row"] for e in examples], dtype=torch.int64)}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(cache_file)
+    _save(cache_file, state)
 
 
 def _read_token_cache(cache_file, key):
@@ -223,9 +236,11 @@ def _read_token_cache(cache_file, key):
 def length_stats(examples):
     """Average, shortest and longest length (with the data row it comes from), total and answer-only."""
     def summary(lengths):
-        shortest, longest = min(range(len(lengths)), key=lengths.__getitem__), max(range(len(lengths)), key=lengths.__getitem__)
-        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest], "shortest_index": examples[shortest]["row"],
-                "longest": lengths[longest], "longest_index": examples[longest]["row"]}
+        shortest = min(range(len(lengths)), key=lengths.__getitem__)
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest],
+                "shortest_index": examples[shortest]["row"], "longest": lengths[longest],
+                "longest_index": examples[longest]["row"]}
     return {"total": summary([len(e["token_ids"]) for e in examples]),
             "answer": summary([len(e["token_ids"]) - e["prompt_len"] for e in examples])}
 
@@ -241,37 +256,40 @@ def split_examples(examples, validation_size, seed):
     if validation_size < 0:
         raise ValueError(f"validation size must be >= 0, got {validation_size}")
     if validation_size >= len(examples):
-        raise ValueError(f"validation size {validation_size} leaves no training examples: only {len(examples)} "
-                         "examples remain after filtering (lower --validation_size or raise --max_seq_len)")
+        raise ValueError(f"validation size {validation_size} leaves no training examples: only "
+                         f"{len(examples)} examples remain after filtering (lower --validation_size or raise "
+                         "--max_seq_len)")
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)
     return shuffled[validation_size:], shuffled[:validation_size]
 
 
-def make_batches(examples, batch_size, seed, tokens_per_batch=0):
+def make_batches(examples, batch_size, seed, tokens_per_batch=0, group=1):
     """Seeded shuffle into batches of similar length (right padding then wastes little compute).
 
     batch_size 1 with no token budget is the reference per-example order. Otherwise examples are sorted
     by length within windows of 100 batches, cut into batches of at most batch_size examples and at most
-    tokens_per_batch padded tokens (when > 0), and the batches are shuffled.
+    tokens_per_batch padded tokens (when > 0), and the batches are shuffled in runs of `group` neighbours:
+    the micro-batches of one optimizer step, shared by several processes, then take about as long.
     """
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
-    if batch_size == 1 and not tokens_per_batch:
+    if batch_size == 1 and not tokens_per_batch and group == 1:
         return [[examples[i]] for i in order]
     window, batches = batch_size * 100, []
     for w in range(0, len(order), window):
         batch = []
         for i in sorted(order[w:w + window], key=lambda i: len(examples[i]["token_ids"])):
-            padded = (len(batch) + 1) * len(examples[i]["token_ids"])  # ascending: the newcomer is the longest
+            padded = (len(batch) + 1) * len(examples[i]["token_ids"])  # ascending: the newcomer is longest
             if batch and (len(batch) == batch_size or (tokens_per_batch and padded > tokens_per_batch)):
                 batches.append(batch)
                 batch = []
             batch.append(examples[i])
         batches.append(batch)
-    rng.shuffle(batches)
-    return batches
+    runs = [batches[i:i + group] for i in range(0, len(batches), group)]
+    rng.shuffle(runs)
+    return [batch for run in runs for batch in run]
 
 
 def collate(batch, device="cpu"):
@@ -315,7 +333,8 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms} and {max_terms}")
     if n_test >= sum(9 ** n for n in range(min_terms, max_terms + 1)):  # leave problems for training
-        raise ValueError(f"only {sum(9 ** n for n in range(min_terms, max_terms + 1))} distinct problems: lower --n_test")
+        distinct = sum(9 ** n for n in range(min_terms, max_terms + 1))
+        raise ValueError(f"only {distinct} distinct problems: lower --n_test")
     rng = random.Random(seed)
     test, seen = [], set()
     while len(test) < n_test:
@@ -335,61 +354,214 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
 
 
 # -----------------------------------------------------------------------------
+# Offline soft targets: the teacher's top-k log-probabilities at every answer position, computed once
+# (python data.py teacher-logits) so that train.py --teacher_logits needs no teacher in memory.
+# Per answer token: k token ids (int32), their log-probabilities (float16) and the log of the probability
+# left to the rest of the vocabulary (float32): 6k + 4 bytes, 388 at k = 64.
+
+TEACHER_LOGITS_FORMAT = "teacher-logits-v1"
+PART_EXAMPLES = 256  # examples per part file: the unit of progress and of resume
+
+
+@torch.no_grad()
+def teacher_top_k(model, batch, top_k, device, chunk_size=512):
+    """(ids [n, k], log-probabilities [n, k], log of the rest [n]) at the n answer positions of a batch."""
+    input_ids, _, mask = collate(batch, device)
+    hidden = model.hidden_states(input_ids)[mask]
+    ids, logprobs, rest = [], [], []
+    for s in range(0, len(hidden), chunk_size):
+        chunk = torch.log_softmax((hidden[s:s + chunk_size] @ model.lm_head.weight.t()).float(), -1)
+        top = chunk.topk(top_k, -1)
+        ids.append(top.indices.int())
+        logprobs.append(top.values.half())
+        rest.append(torch.logsumexp(chunk.scatter(1, top.indices, -torch.inf), -1))  # -inf when k covers all
+    return [torch.cat(x).cpu() for x in (ids, logprobs, rest)]
+
+
+def write_teacher_logits(args):
+    """The teacher-logits command: parts written as they complete (resume skips them), then one file."""
+    device = qwen3.pick_device(args.device)
+    model, teacher_tok = qwen3.load(args.teacher, args.which_model, device,
+                                    qwen3.pick_dtype(args.dtype, device), args.cache_dir)
+    tok = teacher_tok
+    if args.tokenizer:
+        tok = qwen3.load_tokenizer(args.tokenizer, args.which_model, args.cache_dir)
+    if tok.vocabulary() != teacher_tok.vocabulary():
+        raise ValueError(f"{args.teacher} and --tokenizer {args.tokenizer} have different vocabularies")
+    if not 0 < args.top_k <= model.cfg.vocab_size:
+        raise ValueError(f"--top_k must be in 1..{model.cfg.vocab_size}, got {args.top_k}")
+    path = resolve_data_path(args.data_path, args.cache_dir)
+    examples, _, _ = prepare_examples(path, tok, args.use_think_tokens, args.cache_dir)
+    examples = filter_by_length(examples, args.max_seq_len)[0]
+    header = {"format": TEACHER_LOGITS_FORMAT, "key": examples_key(path, tok, args.use_think_tokens),
+              "teacher": str(args.teacher), "top_k": args.top_k}
+    out, parts = Path(args.out), Path(args.out + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    tokens = sum(len(e["token_ids"]) - e["prompt_len"] for e in examples)
+    size_mb = tokens * (6 * args.top_k + 4) / 1e6
+    print(f"{len(examples)} examples, {tokens:,} answer tokens: {size_mb:,.1f} MB to write")
+    bar = qwen3.Progress(len(examples), "teacher logits", unit="examples")
+    for n, start in enumerate(range(0, len(examples), PART_EXAMPLES)):
+        part_path, part = parts / f"{n:05d}.pt", examples[start:start + PART_EXAMPLES]
+        if part_path.exists() and _part_header(part_path) == header:  # done by an earlier, interrupted run
+            bar.update(len(part))
+            continue
+        results = {}
+        for b in range(0, len(part), args.batch_size):  # similar lengths together: little padding
+            batch = sorted(part, key=lambda e: len(e["token_ids"]))[b:b + args.batch_size]
+            for e, *values in _split_by_example(batch, teacher_top_k(model, batch, args.top_k, device)):
+                results[e["row"]] = values
+            bar.update(len(batch))
+        rows = [e["row"] for e in part]
+        ids, logprobs, rest = (torch.cat([results[r][k] for r in rows]) for k in range(3))
+        lengths = torch.tensor([len(results[r][2]) for r in rows])
+        _save(part_path, {**header, "rows": torch.tensor(rows), "ids": ids, "logprobs": logprobs,
+                          "rest": rest, "lengths": lengths})
+    bar.close()
+    loaded = [torch.load(parts / f"{n:05d}.pt", weights_only=True) for n in range(math.ceil(len(examples) /
+                                                                                          PART_EXAMPLES))]
+    merged = {k: torch.cat([p[k] for p in loaded]) for k in ("rows", "ids", "logprobs", "rest", "lengths")}
+    _save(out, {**header, **merged})
+    for f in parts.iterdir():
+        f.unlink()
+    parts.rmdir()
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB)")
+
+
+def _split_by_example(batch, values):
+    """Cut per-position results into one piece per example of the batch."""
+    lengths = [len(e["token_ids"]) - e["prompt_len"] for e in batch]
+    return zip(batch, *(torch.split(v, lengths) for v in values))
+
+
+def _part_header(path):
+    try:
+        part = torch.load(path, weights_only=True, mmap=True)
+        return {k: part[k] for k in ("format", "key", "teacher", "top_k")}
+    except Exception:
+        return None  # damaged (cut off while written): computed again
+
+
+def _save(path, state):
+    """Atomic: a temp file of this process (several may write the same file at once), then a rename."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class TeacherLogitsFile:
+    """A teacher-logits file, memory-mapped: example(row) gives the (ids, log-probabilities, rest) of the
+    answer positions of the example from data row `row`."""
+
+    def __init__(self, path, key):
+        try:
+            state = torch.load(path, weights_only=True, mmap=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"teacher logits not found: {path}") from None
+        except Exception as e:
+            raise ValueError(f"{path}: not a teacher-logits file ({type(e).__name__})") from None
+        if not isinstance(state, dict) or state.get("format") != TEACHER_LOGITS_FORMAT:
+            raise ValueError(f"{path}: not a teacher-logits file (python data.py teacher-logits writes them)")
+        if state["key"] != key:
+            raise ValueError(f"{path} was computed for other data, tokenizer or formatting than this run "
+                             "(--data_path, --which_model, --use_think_tokens): compute it again for this "
+                             "run")
+        self.path, self.ids, self.logprobs, self.rest = path, state["ids"], state["logprobs"], state["rest"]
+        offsets = [0, *torch.cumsum(state["lengths"], 0).tolist()]
+        self.spans = {row: (offsets[i], offsets[i + 1]) for i, row in enumerate(state["rows"].tolist())}
+        self.top_k = state["top_k"]
+
+    def check_covers(self, examples):
+        missing = [e["row"] for e in examples if e["row"] not in self.spans]
+        if missing:
+            raise ValueError(f"{self.path} has no teacher logits for {len(missing)} training examples (data "
+                             f"rows {missing[:5]}...): compute it with the same --max_seq_len as this run")
+
+    def example(self, row):
+        a, b = self.spans[row]
+        return self.ids[a:b], self.logprobs[a:b], self.rest[a:b]
+
+
+def read_teacher_logits(path, data_path, tokenizer, use_think_tokens, cache_dir=None):
+    """The teacher-logits file for a run's data, tokenizer and formatting (an error if it is for others)."""
+    key = examples_key(resolve_data_path(data_path, cache_dir), tokenizer, use_think_tokens)
+    return TeacherLogitsFile(path, key)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
+DATA_FLAGS = {  # shared with train.py and bench.py
+    "--data_path": dict(default="deepseek-r1-math-train",
+                        help=f"teacher JSON/JSONL file or partition: {', '.join(PARTITIONS)}"),
+    "--use_think_tokens": dict(action="store_true",
+                               help="wrap the teacher's reasoning in <think>...</think>"),
+    "--max_seq_len": dict(type=int, default=2048, help="drop examples longer than this many tokens"),
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Teacher data statistics and the offline synthetic dataset.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stats", help="length statistics of a teacher file", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--data_path", required=True, help=f"a JSON/JSONL file or a partition: {', '.join(PARTITIONS)}")
-    s.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B", help="repo id, model directory, tokenizer.json or 'tiny'")
-    s.add_argument("--which_model", default="reasoning", choices=["base", "reasoning"], help="tokenizer variant")
-    s.add_argument("--use_think_tokens", action="store_true", help="wrap the teacher reasoning in <think></think>")
-    s.add_argument("--max_seq_len", type=int, default=None, help="also report what a length filter keeps")
-    s.add_argument("--cache_dir", default=None, help="downloads and token cache (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
-    y = sub.add_parser("synth", help="write an offline synthetic dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p, sub = qwen3.parser(__doc__, stats="length statistics of a teacher file",
+                          synth="write the offline synthetic dataset",
+                          **{"teacher-logits": "store a teacher's top-k log-probabilities for train.py "
+                                               "--teacher_logits"})
+    s = sub["stats"]
+    qwen3.add_flags(s, "--data_path", "--use_think_tokens", "--max_seq_len", registry=DATA_FLAGS)
+    s.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B",
+                   help="repo id, model directory, tokenizer.json or 'tiny'")
+    qwen3.add_flags(s, "--which_model", "--cache_dir", which_model=dict(default="reasoning"))
+    y = sub["synth"]
     y.add_argument("--out", "--out_dir", dest="out", required=True,
                    help="directory for train.json (teacher schema) and test.json (MATH-500 schema)")
     y.add_argument("--n_train", type=int, default=4000)
     y.add_argument("--n_test", type=int, default=200)
     y.add_argument("--seed", type=int, default=123)
     y.add_argument("--min_terms", type=int, default=3, help="fewest numbers to add in a problem")
-    y.add_argument("--max_terms", type=int, default=3, help="most numbers to add (longer sums take the tiny model longer to learn)")
+    y.add_argument("--max_terms", type=int, default=3,
+                   help="most numbers to add (longer sums take the tiny model longer to learn)")
+    t = sub["teacher-logits"]
+    t.add_argument("--teacher", required=True, help="Hub repo id, Hugging Face directory or checkpoint")
+    t.add_argument("--out", required=True, help="the file to write (parts go to OUT.parts/ until it is done)")
+    t.add_argument("--top_k", type=int, default=64, help="log-probabilities kept per answer token")
+    t.add_argument("--tokenizer", default=None, help="encode the data with this tokenizer, the student's "
+                   "(default: the teacher's; their vocabularies must agree)")
+    t.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
+    qwen3.add_flags(t, "--data_path", "--use_think_tokens", "--max_seq_len", registry=DATA_FLAGS)
+    qwen3.add_flags(t, "--which_model", "--device", "--dtype", "--cache_dir",
+                    which_model=dict(default="reasoning"))
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-
+    if args.cmd == "teacher-logits":
+        return write_teacher_logits(args)
     if args.cmd == "synth":
         train, test = synth_dataset(args.n_train, args.n_test, args.seed, args.min_terms, args.max_terms)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.json").write_text(json.dumps(train, indent=1))
         (out / "test.json").write_text(json.dumps(test, indent=1))
-        print(f"wrote {len(train)} training rows to {out / 'train.json'} and {len(test)} test rows to {out / 'test.json'}")
-        print(f"example problem: {train[0]['problem']}\n{train[0]['message_thinking']}\n{train[0]['message_content']}")
+        print(f"wrote {len(train)} training rows to {out / 'train.json'} and {len(test)} test rows to "
+              f"{out / 'test.json'}")
+        first = train[0]
+        print(f"example problem: {first['problem']}\n{first['message_thinking']}\n{first['message_content']}")
         return
-
     tok = qwen3.load_tokenizer(args.tokenizer, args.which_model, args.cache_dir)
     examples, skipped, num_rows = prepare_examples(args.data_path, tok, args.use_think_tokens, args.cache_dir)
     print(f"rows: {num_rows}, usable: {len(examples)}, skipped: {describe_skipped(skipped)}")
     if not examples:
         raise ValueError("no usable rows")
     for part, st in length_stats(examples).items():
-        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} (row {st['shortest_index']}), "
-              f"longest {st['longest']} (row {st['longest_index']})")
-    if args.max_seq_len:
-        kept, counts = filter_by_length(examples, args.max_seq_len)
-        print(f"max_seq_len {args.max_seq_len}: original {counts['original']}, kept {counts['kept']}, removed {counts['removed']}")
-        if kept:
-            print(f"after filtering: average {length_stats(kept)['total']['average']:.0f} tokens")
+        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} "
+              f"(row {st['shortest_index']}), longest {st['longest']} (row {st['longest_index']})")
+    kept, counts = filter_by_length(examples, args.max_seq_len)
+    print(f"max_seq_len {args.max_seq_len}: original {counts['original']}, kept {counts['kept']}, "
+          f"removed {counts['removed']}")
+    if kept:
+        print(f"after filtering: average {length_stats(kept)['total']['average']:.0f} tokens")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
-        sys.exit(f"error: {err}")
+    qwen3.run(main)

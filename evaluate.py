@@ -1,14 +1,15 @@
 """
-Greedy MATH-500 evaluation and a safe \\boxed{} answer checker.
+MATH-500 evaluation: generate answers (greedy, or sampled with error bars) and grade them with a safe checker.
 
-    python evaluate.py --model Qwen/Qwen3-0.6B-Base --which_model base --out base.jsonl
-    python evaluate.py --checkpoint_path out/qwen3-0.6B-distill-step06682-epoch1.pth --max_new_tokens 4096 --out e1.jsonl
-    python evaluate.py --json_path teacher.json --gtruth_answer gtruth_answer --generated_text message_content
+    python evaluate.py generate --model Qwen/Qwen3-0.6B-Base --which_model base --out runs/base.jsonl
+    python evaluate.py generate --checkpoint_path runs/r1 --max_new_tokens 4096 --out runs/r1.jsonl
+    python evaluate.py generate --checkpoint_path runs/r1 --preset thinking --num_samples 4 --out s4.jsonl
+    python evaluate.py grade teacher.json --gtruth_answer gtruth_answer --generated_text message_content
+    torchrun --standalone --nproc_per_node 8 evaluate.py generate ...   (the problems split over 8 GPUs)
 
-The checker never evaluates model text as code: answers are parsed by a small recursive-descent
+The checker (part 1) never evaluates model text as code: answers are parsed by a small recursive-descent
 parser into sympy objects, with limits on length, nesting, number sizes and powers, and a time limit.
 """
-import argparse
 import json
 import math
 import re
@@ -26,9 +27,10 @@ import torch
 import data
 import qwen3
 
-# -----------------------------------------------------------------------------
-# Extraction: the last \boxed{...} (or \fbox), else the last number
-
+# =============================================================================
+# Part 1: the answer checker. extract_answer finds the final answer in a model's text, normalize writes it
+# canonically, Parser reads it as math, answers_equal compares two answers; grade wraps that in a time limit.
+# Where an answer is ambiguous, the comments say which reading a human grader of MATH would choose, and why.
 
 MAX_ANSWER_CHARS = 1000   # longer answers are compared as strings only
 MAX_NUMBER_DIGITS = 200   # longer number literals are not parsed
@@ -36,7 +38,18 @@ MAX_DEPTH = 60            # parser nesting limit
 MAX_RESULT_DIGITS = 400   # refuse powers / factorials whose value would be larger
 TIME_LIMIT_S = 1.0        # per comparison, where a SIGALRM timer is available
 
-RE_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+# -----------------------------------------------------------------------------
+# Extraction
+
+# a number standing on its own: not the 7 of "QX7ZB", not the 2 of "x2"
+RE_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?(?![\w])")
+# what may stand between boxes that together give one answer: \boxed{2} and \boxed{3}; \boxed{1},\boxed{2};
+# x = \boxed{1}, y = \boxed{2}
+RE_BETWEEN_BOXES = re.compile(r"(?:\s|[,;$.]|\\[()\[\],;]|\\q?quad|\\text\{\s*(?:and|or|,)\s*\}"
+                              r"|\b(?:and|or)\b|\b[a-zA-Z](?:_\{?\w+\}?)?\s*=)*")
+# "The final answer is $\frac{2}{7}$." (Minerva style), "Final Answer: the largest $n$ is 34."
+RE_ANSWER_IS = re.compile(r"(?:final answer|the answer)(?: is|:)", re.I)
+RE_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$([^$\n]+?)\$|\\\((.+?)\\\)", re.S)
 
 
 def _braced(text, start):
@@ -49,54 +62,100 @@ def _braced(text, start):
     return None
 
 
-def extract_answer(text):
-    """The final answer in a model output: the last \\boxed{..}/\\fbox{..}/\\boxed 5 (an earlier one if the
-    last is unbalanced); with no box at all, a short bare answer or the last number. None: nothing to grade."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    starts = sorted(m.end() for m in re.finditer(r"\\(?:boxed|fbox)", text))
-    for end in reversed(starts[-3:]):  # the last one, or an earlier one if the last is unbalanced
-        pos = re.compile(r"\s*").match(text, end).end()
+def _boxes(text):
+    """(start, end, content) of each \\boxed{..} / \\fbox{..} / \\boxed 5; content None if unbalanced."""
+    found = []
+    for m in re.finditer(r"\\(?:boxed|fbox)", text):
+        pos = re.compile(r"\s*").match(text, m.end()).end()
         if text.startswith("{", pos):
             content = _braced(text, pos)
-            if content is not None:
-                return content.strip().strip("$").strip()
-        elif pos > end:  # "\boxed 5": one space-separated token
-            token = re.match(r"[^\s$]+", text[pos:])
-            if token:
-                return token.group()
-    if starts:
+            found.append((m.start(), pos + len(content or "") + 2, content))
+        elif pos > m.end():  # "\boxed 5": one space-separated token
+            token = re.compile(r"[^\s$]+").match(text, pos)
+            found.append((m.start(), token.end() if token else pos, token and token.group()))
+    return found
+
+
+def has_box(text):
+    return re.search(r"\\(?:boxed|fbox)", text) is not None
+
+
+def extract_answer(text):
+    """The final answer in a model output, None if there is nothing to grade:
+    1. the last \\boxed{..} (an earlier one if the last is unbalanced), joined with the boxes just before it
+       when only separators stand between them ("\\boxed{2} and \\boxed{3}" is the list 2, 3), unless a
+       "the final answer is" comes after it;
+    2. without a box, the sentence after the last "the final answer is" / "the answer is" (else the whole
+       text), and in it: all of it if it is a short bare answer ("\\frac{1}{2}"), else whichever comes last of
+       the math in $..$, \\(..\\), \\[..\\] and the numbers standing on their own."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    boxes, stated = _boxes(text), list(RE_ANSWER_IS.finditer(text))
+    closed = [b for b in boxes[-3:] if b[2] is not None]
+    if closed and not (stated and stated[-1].start() > closed[-1][1]):  # "the final answer is" after it wins
+        group = [closed[-1]]
+        for box in reversed([b for b in boxes if b[1] <= group[0][0] and b[2] is not None]):
+            if not RE_BETWEEN_BOXES.fullmatch(text, box[1], group[0][0]):
+                break
+            group.insert(0, box)
+        return ", ".join(b[2].strip().strip("$").strip() for b in group)
+    if boxes and not closed:
         return None  # boxed, but never closed: no answer rather than a guess
-    bare = text.strip().strip("$").strip().rstrip(".")
-    if len(bare) <= 60 and "\n" not in bare and not re.search(r"[a-zA-Z]{4,}", re.sub(r"\\[a-zA-Z]+", "", bare)):
-        return bare  # a short answer given without \boxed, e.g. "\frac{1}{2}"
-    numbers = RE_NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    if stated:  # the rest of that sentence
+        text = re.split(r"\.(?:\s|$)|\n\n|I hope", text[stated[-1].end():])[0]
+    bare = text.strip().rstrip(".")
+    if len(bare) <= 60 and "\n" not in bare and "$" not in bare and \
+            not re.search(r"[a-zA-Z]{4,}", re.sub(r"\\[a-zA-Z]+", "", bare)):
+        return bare or None
+    maths = [(m.start(), next(g for g in m.groups() if g).strip()) for m in RE_MATH.finditer(text)]
+    outside = RE_MATH.sub(lambda m: " " * len(m.group()), text)  # numbers inside math belong to the math
+    numbers = [(m.start(), m.group()) for m in RE_NUMBER.finditer(outside)]
+    return max(maths + numbers)[1] if maths or numbers else None
 
 
 # -----------------------------------------------------------------------------
 # Normalisation of LaTeX answers (string level)
 
-UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "centimeters", "meters", "km", "kilometers", "mm",
-              "inches", "inch", "in", "feet", "foot", "ft", "yards", "miles", "mph", "degrees", "degree", "dollars",
-              "cents", "hours", "hour", "minutes", "minute", "seconds", "second", "days", "day", "weeks", "years",
-              "pounds", "ounces", "grams", "kg", "liters", "people", "ways", "points", "students", "cups")
-RE_UNITS = re.compile(r"^(.*?\d[^a-zA-Z]*?)(?:(?:\^?\{?[23]\}?)?(?:" + "|".join(UNIT_WORDS) + r")\b\.?)+(?:\^?\{?[23]\}?)?$")
+UNIT_WORDS = ("units", "unit", "sq", "square", "cubic", "cm", "centimeters", "meters", "km", "kilometers",
+              "mm", "inches", "inch", "in", "feet", "foot", "ft", "yards", "miles", "mph", "degrees",
+              "degree", "dollars", "cents", "hours", "hour", "minutes", "minute", "seconds", "second", "days",
+              "day", "weeks", "years", "pounds", "ounces", "grams", "kg", "liters", "people", "ways",
+              "points", "students", "cups", "grade")
+RE_UNITS = re.compile(r"^(.*?\d[^a-zA-Z]*?)(?:(?:\^?\{?[23]\}?)?(?:" + "|".join(UNIT_WORDS)
+                      + r")\b\.?)+(?:\^?\{?[23]\}?)?$")
+RELATIONS = [(r"\\leq(?:slant)?|\\le(?![a-zA-Z])|≤|=<", "<="),
+             (r"\\geq(?:slant)?|\\ge(?![a-zA-Z])|≥|=>", ">="),
+             (r"\\neq?(?![a-zA-Z])|≠", "!="), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">")]
+# plain-text math, common in base models' answers: sqrt(7), 5pi, 300/pi, sin(x)
+BARE_WORDS = [(r"(?<![a-zA-Z\\])pi(?![a-zA-Z])", r"\\pi"), (r"(?<![a-zA-Z\\])sqrt", r"\\sqrt"),
+              (r"(?<![a-zA-Z\\])(?:infinity|inf)(?![a-zA-Z])", r"\\infty"),
+              (r"(?<![a-zA-Z\\])(sin|cos|tan|cot|sec|csc|ln|log|exp)(?=\()", r"\\\1")]
 
 
 def normalize(answer):
-    """A canonical string for a LaTeX answer: wrappers, spacing, units, degrees, %, $ removed."""
+    """A canonical string for a LaTeX answer: wrappers, spacing, units, degrees, %, $ removed; relations,
+    plain-text math and word-joined lists written one way."""
     s = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", answer)
     s = re.sub(r"<\|[^|>]{1,30}\|>", "", s)
+    if "\\begin" not in s:  # outside matrices (rows end with \\), \\frac is a doubly escaped \frac
+        s = re.sub(r"\\\\(?=[a-zA-Z])", r"\\", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = s.replace("\\!", "")  # negative thin space, as in 10,\!080
-    s = re.sub(r"(?<!\\)\\(?:displaystyle|limits|,|;|:|quad|qquad|\s)(?![a-zA-Z])|~", " ", s)  # not the \\ of rows
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"(?<=\d),\\!\s?(?=\d{3}(?!\d))", "", s)  # thousands: 3,\! 456,\! 789
+    s = s.replace("\\!", "")  # negative thin space
+    # spacing commands (not the \\ that ends a matrix row)
+    s = re.sub(r"(?<!\\)\\(?:displaystyle|limits|,|;|:|quad|qquad|\s)(?![a-zA-Z])|~", " ", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\circ|\\degree", "", s)
     s = re.sub(r"\\?%|\\?\$|(?<!\\)\\[()\[\]]", "", s)
     for _ in range(5):  # unwrap \text{..} and friends, innermost first
-        s = re.sub(r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
-    s = s.replace("{,}", ",").replace("\\dots", "").replace("\\ldots", "")
+        s = re.sub(r"\\(?:text|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*"
+                   r"\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<=\d)\s*(?:\^\{?(?:st|nd|rd|th)\}?|(?:st|nd|rd|th)\b)", "", s)  # 9^{th}, 2nd: ordinals
+    s = re.sub(r"(?<=\d)\s*(?:percent(?:age)?|pct)\b", "", s)  # 35 percent is 35\%, whose % is dropped above
+    s = re.sub(r"\s*\b(?:and|or)\b\s*", ",", s)  # 3 and 5, (2,5) or (5,2): a list
+    for pattern, canonical in RELATIONS + BARE_WORDS:
+        s = re.sub(pattern, canonical, s)
+    s = s.replace("{,}", ",").replace("\\dots", "").replace("\\ldots", "").replace("\\colon", ":")
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
     s = re.sub(r"^(?:the answer is|answer:)\s*", "", s, flags=re.I)
     units = RE_UNITS.match(s)
@@ -104,9 +163,13 @@ def normalize(answer):
         s = units.group(1).strip()
     if not s.startswith(("(", "[")):  # thousands separators (not in tuples / intervals): 10,080 -> 10080
         s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    s = s.replace(" ", "")
+    s = s.replace(" ", "").replace(";", ",").strip(",")
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # 1011_{2} is 1011_2
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # x \in [2, 5) is [2, 5)
+    s = re.sub(r"\\begin\{array\}\{[^{}]*\}(.*)\\end\{array\}", r"\\begin{pmatrix}\1\\end{pmatrix}", s)
+    s = re.sub(r"^[(\[](\\begin\{[pbv]?matrix\}.*\\end\{[pbv]?matrix\})[)\]]$", r"\1", s)  # [\begin{array}..]
+    if "\\approx" in s:  # x = 1/3 \approx 0.33: the exact value before the approximation; x \approx 11: 11
+        s = s.split("\\approx")[0] if "=" in s.split("\\approx")[0] else s.replace("\\approx", "=")
     mixed = re.fullmatch(r"(-?)(\d+)\\frac\{?(\d)\}?\{?(\d)\}?|(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}", s)
     if mixed:  # 1\frac{4}{5} is one and four fifths
         g = [x for x in mixed.groups() if x is not None]
@@ -116,6 +179,8 @@ def normalize(answer):
         return choice.group(1).upper()
     while (pair := _outer_pair(s)) and pair[:2] == ("(", ")") and len(_split_top(pair[2], ",")) == 1:
         s = pair[2]  # (x = 5) is x = 5; a tuple or interval keeps its brackets
+    while s.startswith("{") and _braced(s, 0) == s[1:-1]:
+        s = s[1:-1]  # {1,2,3} is grouping in LaTeX (a set is written \{1,2,3\})
     return s
 
 
@@ -128,10 +193,12 @@ class ParseError(ValueError):
 
 
 TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^()\[\]{}!|_=,&']|\\\\|\\\{|\\\}|\S")
-GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
-         "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi", "omega"}
-FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec, "csc": sympy.csc,
-             "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "ln": sympy.log, "exp": sympy.exp,
+GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
+         "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
+         "chi", "psi", "omega"}
+FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
+             "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
+             "ln": sympy.log, "exp": sympy.exp,
              "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh}
 CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo, "infinity": sympy.oo}
 
@@ -158,7 +225,8 @@ def _safe_pow(base, exp):
 
 class Parser:
     """expr := term (+|- term)* ; term := unary ((*|/|implicit) unary)* ; unary := (+|-) unary | power ;
-    power := postfix (^ exponent)? ; postfix := atom !* ; atom := number | letter | constant | (expr) | {expr} |
+    power := postfix (^ exponent)? ; postfix := atom !* ;
+    atom := number | letter | constant | (expr) | {expr} |
     \\frac{a}{b} | \\sqrt[n]{x} | function arg | |expr|"""
 
     def __init__(self, text):
@@ -198,8 +266,11 @@ class Parser:
         return value
 
     def starts_atom(self, tok):
-        return tok is not None and (tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{", "\\sqrt", "\\frac")
-                                    or (tok[0] == "\\" and tok[1:] in GREEK | set(FUNCTIONS) | set(CONSTANTS) | {"log"}))
+        if tok is None:
+            return False
+        macros = GREEK | set(FUNCTIONS) | set(CONSTANTS) | {"log"}
+        return (tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{", "\\sqrt", "\\frac")
+                or (tok[0] == "\\" and tok[1:] in macros))
 
     def term(self):
         value = self.unary()
@@ -330,7 +401,7 @@ def parse_math(text):
 
 
 # -----------------------------------------------------------------------------
-# Structure: tuples, intervals, sets, lists, matrices, equations, ±
+# Structure: tuples, intervals and inequalities, sets, lists, matrices, equations, ±
 
 
 def _split_top(s, sep):
@@ -381,7 +452,7 @@ def structure(s):
         return "set", [pair[2]]
     items = _split_top(s, ",")
     if len(items) > 1:
-        return "list", [_strip_lhs(item) for item in items]  # x=1, x=2 lists the values 1 and 2
+        return "list", [_label_value(item) or item for item in items]  # x=1, x=2 lists the values 1 and 2
     if s.count("\\pm") == 1:
         return "list", [s.replace("\\pm", "+"), s.replace("\\pm", "-")]
     if "=" in s:
@@ -389,15 +460,108 @@ def structure(s):
     return "expr", s
 
 
+# A label names what an answer is: x, BC, a_1, \theta, g(2), f^{-1}(3), (m,n), |AB|, V_1:V_2.
+_NAME = r"(?:\\?[a-zA-Z]+(?:_\{?\w+\}?)?'*)"
+_LABEL = (rf"(?:{_NAME}(?:\^\{{-1\}})?(?:\([^()=]*\))?|\({_NAME}(?:,{_NAME})+\)|\|{_NAME}\|)"
+          rf"(?::(?:{_NAME}(?:\([^()=]*\))?))*")
+
+
+def _label_value(s):
+    """What follows 'label=' (the value of g(2)=7 is 7; of (m,n)=(4,1), (4,1)); None if s is not of that form.
+    A chain a = b = 7 is its last part, the result it arrives at."""
+    parts = _split_top(s, "=")
+    if len(parts) < 2 or not parts[-1] or len(_split_top(s, ",")) > 1 or not re.fullmatch(_LABEL, parts[0]):
+        return None
+    return parts[-1]
+
+
+_SET_MARKS = ("<", ">", "!=", "\\cup", "\\setminus", "\\mathbb{R}", "\\infty", "\\emptyset", "\\varnothing")
+_INEQUALITY = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge}
+
+
+def real_set(s):
+    """The set of real numbers an answer describes, as a sympy set: an interval, a union or difference of
+    them, an inequality or a chain of them in one variable, x != a, \\mathbb{R}, \\{a, b\\}. None if it is
+    none of these. (a, b) reads as an open interval here: only where the other answer is a set of reals."""
+    if s in ("\\mathbb{R}", "(-\\infty,\\infty)"):
+        return sympy.S.Reals
+    if s in ("\\emptyset", "\\varnothing", "\\{\\}"):
+        return sympy.S.EmptySet
+    if "\\setminus" in s:
+        whole, *removed = (real_set(part) for part in _split_top(s, "\\setminus"))
+        return None if whole is None or None in removed else sympy.Complement(whole, *removed)
+    if "\\cup" in s:
+        parts = [real_set(part) for part in _split_top(s, "\\cup")]
+        return None if None in parts else sympy.Union(*parts)
+    pair = _outer_pair(s)
+    if pair:
+        items = _split_top(pair[2], ",")
+        if pair[0] == "\\{":
+            return sympy.FiniteSet(*map(parse_math, items))
+        if len(items) == 2:
+            low, high = map(parse_math, items)
+            return sympy.Interval(low, high, pair[0] == "(", pair[1] == ")")
+        return None
+    parts = re.split(r"(<=|>=|!=|<|>)", s)
+    if len(parts) == 3:  # lhs op rhs
+        return _solve(parse_math(parts[0]) - parse_math(parts[2]), parts[1])
+    if len(parts) == 5 and parts[1] in ("<", "<=") and parts[3] in ("<", "<="):  # low < x < high
+        low, high = parse_math(parts[0]), parse_math(parts[4])
+        try:
+            middle = parse_math(parts[2])
+        except ParseError:
+            middle = None  # 0 < f(x) < 1: a label between two numbers
+        if middle is not None and len(middle.free_symbols) == 1:
+            return sympy.Intersection(_solve(low - middle, parts[1]), _solve(middle - high, parts[3]))
+        if low.is_number and high.is_number:
+            return sympy.Interval(low, high, parts[1] == "<", parts[3] == "<")
+    return None
+
+
+def _solve(expression, op):
+    """The real solutions of `expression op 0`, in its one variable."""
+    (x,) = expression.free_symbols if len(expression.free_symbols) == 1 else (None,)
+    if x is None:
+        raise ParseError("an inequality in one variable is needed")
+    x_real = sympy.Symbol(x.name, real=True)
+    expression = expression.xreplace({x: x_real})
+    if op == "!=":
+        return sympy.Complement(sympy.S.Reals, sympy.solveset(expression, x_real, sympy.S.Reals))
+    return sympy.solve_univariate_inequality(_INEQUALITY[op](expression, 0), x_real, relational=False)
+
+
+def _sets_equal(a, b):
+    """Both answers as sets of reals, compared; None when either is not one."""
+    try:
+        x, y = real_set(a), real_set(b)
+    except (ParseError, ZeroDivisionError, TypeError, ValueError, NotImplementedError):
+        return None
+    if x is None or y is None:
+        return None
+    empty = sympy.S.EmptySet
+    return x == y or (sympy.Complement(x, y) == empty and sympy.Complement(y, x) == empty)
+
+
+def _half_open(s):
+    pair = _outer_pair(s)
+    return pair is not None and pair[:2] in (("[", ")"), ("(", "]"))
+
+
 def scalar_equal(a, b):
     """Are two normalised scalar answers mathematically equal?"""
     if a == b or a.lower() == b.lower():
         return True
     try:
-        x, y = parse_math(a), parse_math(b)
+        x, y = parse_math(_ratio(a)), parse_math(_ratio(b))
     except (ParseError, ZeroDivisionError, TypeError, ValueError):
         return False
     return _sympy_equal(x, y)
+
+
+def _ratio(s):
+    """3:11 is the ratio 3/11."""
+    parts = _split_top(s, ":")
+    return f"({parts[0]})/({parts[1]})" if len(parts) == 2 and all(parts) else s
 
 
 def _sympy_equal(x, y):
@@ -427,17 +591,11 @@ def _same_multiset(xs, ys):
         return False
     unused = list(ys)
     for x in xs:
-        match = next((k for k, y in enumerate(unused) if scalar_equal(x, y)), None)
+        match = next((k for k, y in enumerate(unused) if answers_equal(x, y)), None)
         if match is None:
             return False
         unused.pop(match)
     return True
-
-
-def _strip_lhs(s):
-    """'x=3' -> '3' when the left side is a single variable; anything else unchanged."""
-    m = re.fullmatch(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?=(.+)", s)
-    return m.group(1) if m and "=" not in m.group(1) else s
 
 
 def _equations_equal(a, b):
@@ -454,25 +612,43 @@ def _equations_equal(a, b):
 
 
 def answers_equal(pred, ref):
-    """Compare two extracted answers (strings), structure first, then values."""
+    """Compare two extracted answers (strings): labels and sets first, then structure, then values."""
     if max(len(pred), len(ref)) > MAX_ANSWER_CHARS:  # no answer is this long: compare as text, in linear time
         return pred.strip() == ref.strip()
     a, b = normalize(pred), normalize(ref)
     if a == b:
         return True
-    if "=" in a and "=" not in b:
-        a = _strip_lhs(a)
-    elif "=" in b and "=" not in a:
-        b = _strip_lhs(b)
+    # the digits alone, where the reference also names the base the problem asked for: 31 for 31_6
+    based = re.fullmatch(r"(\w+)_(\d+)", b)
+    if based and a.lower() == based.group(1).lower():
+        return True
+    # a label's value: (m,n)=(4,1) is (4,1) and g(2)=7 is 7, unless both sides are equations to compare
+    label_a, label_b = _label_value(a), _label_value(b)
+    if label_a is not None and ("=" not in b or label_b is not None):
+        a = label_a
+    if label_b is not None and ("=" not in a or label_a is not None):
+        b = label_b
+    if a == b:
+        return True
+    if any(mark in s for s in (a, b) for mark in _SET_MARKS) or _half_open(a) or _half_open(b):
+        same = _sets_equal(a, b)  # inequalities, intervals, unions: equal as sets of reals
+        if same is not None:
+            return same
     (ka, pa), (kb, pb) = structure(a), structure(b)
     if ka == "matrix" and kb == "seq" and all(len(r) == 1 for r in pa):  # column vector written as a tuple
         ka, pa = "seq", (pb[0], [r[0] for r in pa])
     if kb == "matrix" and ka == "seq" and all(len(r) == 1 for r in pb):
         kb, pb = "seq", (pa[0], [r[0] for r in pb])
+    if ka == "list" and kb == "expr":  # one answer boxed twice, as 15\\frac{39}{40} and as \\frac{639}{40}
+        return all(answers_equal(item, b) for item in pa)
+    if ka == "list" and kb == "seq":  # an ordered pair written without its parentheses: still in order
+        return len(pa) == len(pb[1]) and all(map(answers_equal, pa, pb[1]))
     if ka != kb:  # a bare list of solutions may come back as a set or in parentheses: order is not asked for
-        items = lambda kind, payload: payload[1] if kind == "seq" else payload
+        def items(kind, payload):
+            return payload[1] if kind == "seq" else payload
         unordered = {"list", "set", "seq"}
-        return ka in unordered and kb in unordered and "list" in (ka, kb) and _same_multiset(items(ka, pa), items(kb, pb))
+        return ka in unordered and kb in unordered and "list" in (ka, kb) and _same_multiset(items(ka, pa),
+                                                                                               items(kb, pb))
     if ka == "expr":
         return scalar_equal(pa, pb)
     if ka == "seq":
@@ -496,6 +672,7 @@ def time_limit(seconds):
     if not usable:
         yield
         return
+
     def on_alarm(signum, frame):
         raise TimeoutError
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -523,48 +700,216 @@ def is_correct(model_output, reference):
     return grade(extract_answer(model_output), reference)
 
 
-# -----------------------------------------------------------------------------
-# Running an evaluation
+# =============================================================================
+# Part 2: running an evaluation. The steps, as in the reference chapter: 1. load the model and its tokenizer,
+# 2. render each problem's prompt, 3. generate the answers, 4. extract and grade each one as it completes,
+# 5. summarise: accuracy with error bars, by subject and level, and what went wrong.
+
+CHECKER_VERSION = 2  # raised whenever grading changes; part of every summary's protocol
+LOOP_WINDOW, LOOP_PERIOD = 200, 50  # an answer "loops" when its last 200 tokens repeat a block of <= 50
 
 
-def wilson_interval(correct, n, z=1.96):
-    """95% confidence interval of an accuracy (Wilson score), as (low, high)."""
-    if n == 0:
-        return 0.0, 0.0
-    p = correct / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))  # clamp rounding
+def ends_in_loop(ids, window=LOOP_WINDOW, max_period=LOOP_PERIOD):
+    """Whether the last `window` tokens are one block of at most max_period tokens, repeated: the usual end of
+    a greedy answer that runs to the cap."""
+    tail = list(ids[-window:])
+    return len(tail) == window and any(tail[p:] == tail[:-p] for p in range(1, max_period + 1))
 
 
-def summarize(records, wall_time_s=None, **info):
-    """Accuracy with CI, by subject and level, response lengths and truncation."""
-    n = len(records)
-    correct = sum(r["correct"] for r in records)
-    low, high = wilson_interval(correct, n)
-    summary = {"accuracy": correct / n if n else 0.0, "num_correct": correct, "num_examples": n, "ci95": [low, high]}
-    for key in ("subject", "level"):
-        groups = defaultdict(list)
-        for r in records:
-            groups[str(r.get(key))].append(r["correct"])
-        summary[f"by_{key}"] = {k: {"accuracy": sum(v) / len(v), "num_correct": sum(v), "num_examples": len(v)}
-                                for k, v in sorted(groups.items())}
-    if records and "num_tokens" in records[0]:
-        tokens = sum(r["num_tokens"] for r in records)
-        summary.update(avg_response_tokens=tokens / n, truncated_share=sum(r["truncated"] for r in records) / n)
-        if wall_time_s:
-            summary.update(wall_time_s=wall_time_s, tokens_per_sec=tokens / wall_time_s)
-    return {**summary, **info}
+def make_record(index, sample, row, ids, tok, budget=None):
+    finished = bool(ids) and ids[-1] == tok.eos_token_id
+    text = tok.decode(ids[:-1] if finished else ids)
+    extracted = extract_answer(text)
+    return {"index": index, "sample": sample, "unique_id": row.get("unique_id"),
+            "subject": row.get("subject"), "level": row.get("level"), "problem": row["problem"],
+            "gtruth_answer": row.get("answer"), "generated_text": text, "extracted": extracted,
+            "correct": grade(extracted, str(row.get("answer"))),
+            "num_tokens": len(ids), "truncated": not finished, "looped": ends_in_loop(ids),
+            "boxed": has_box(text), "thought_cut": budget is not None and budget.cut_at(ids) is not None}
 
 
-def print_summary(s):
-    print(f"accuracy: {100 * s['accuracy']:.1f}% ({s['num_correct']}/{s['num_examples']}), "
-          f"95% CI {100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}%")
-    for key in ("by_subject", "by_level"):
-        print(f"  {key[3:]:>8}: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}% ({v['num_correct']}/{v['num_examples']})"
-                                               for k, v in s[key].items()))
-    if "avg_response_tokens" in s:
-        print(f"  average response {s['avg_response_tokens']:.0f} tokens, {100 * s['truncated_share']:.1f}% hit max_new_tokens"
-              + (f", {s['wall_time_s']:.0f} s, {s['tokens_per_sec']:.0f} tokens/s" if "wall_time_s" in s else ""))
+def sampling_settings(args):
+    """Decoding settings: the preset, with any of --temperature/--top_p/--top_k given on top of it."""
+    greedy = dict(temperature=0.0, top_p=1.0, top_k=0)
+    preset = qwen3.THINKING_SAMPLING if args.preset == "thinking" else greedy
+    chosen = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()}
+    return qwen3.Sampling(**chosen, seed=args.seed).check()
+
+
+def thinking_budget(args, tok):
+    if args.thinking_budget is None:
+        return None
+    if not 0 < args.thinking_budget <= args.max_new_tokens:
+        raise ValueError(f"--thinking_budget must be in 1..--max_new_tokens ({args.max_new_tokens}), "
+                         f"got {args.thinking_budget}")
+    return qwen3.ThinkingBudget(args.thinking_budget, tok.tok.token_to_id("<think>"),
+                                tok.encode("</think>\n\n", chat_wrapped=False), args.answer_budget)
+
+
+def protocol(args, tok, dtype, sampling):
+    """Everything that decides the numbers: every summary states it, and --resume insists on it."""
+    return {"model": str(args.checkpoint_path or args.model), "tokenizer": tok.kind,
+            "data": str(args.data_path or "MATH-500"), "dataset_size": args.dataset_size,
+            "max_new_tokens": args.max_new_tokens, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
+            "num_samples": args.num_samples, "thinking_budget": args.thinking_budget,
+            "answer_budget": args.answer_budget if args.thinking_budget else None,
+            "dtype": str(dtype).replace("torch.", ""), "checker": CHECKER_VERSION}
+
+
+def describe_protocol(p):
+    """One line: how the answers were made and graded, to print beside an accuracy."""
+    decoding = "greedy" if not p.get("temperature") else (
+        f"T={p['temperature']:g}" + (f" top_p={p['top_p']:g}" if p["top_p"] < 1 else "")
+        + (f" top_k={p['top_k']}" if p["top_k"] else ""))
+    samples = f", {p['num_samples']} samples" if p.get("num_samples", 1) > 1 else ""
+    budget = f", thinking budget {p['thinking_budget']}" if p.get("thinking_budget") else ""
+    return f"{decoding}{samples}, max {p.get('max_new_tokens')} tokens{budget}, checker v{p.get('checker')}"
+
+
+def generate_records(args, model, tok, rows, todo, out_file, sampling, budget, quiet=False):
+    """3-4. Generate an answer for each (problem, sample) in todo, grade it and append its record to out_file
+    as soon as it is complete. Returns (records, seconds)."""
+    prompts = {i: tok.encode(data.render_prompt(rows[i]["problem"])) for i, _ in todo}
+    # similar prompt lengths enter the batch together (less padding), a problem's samples too (one prefill)
+    todo = sorted(todo, key=lambda pair: (len(prompts[pair[0]]), pair))
+    bar = qwen3.Progress(len(todo), "generate", unit="answers", quiet=quiet)
+    start, records, answers = time.time(), [], {}
+    stream = qwen3.generate_stream(model, [prompts[i] for i, _ in todo], args.max_new_tokens,
+                                   tok.eos_token_id, batch_size=args.batch_size, sampling=sampling, keys=todo,
+                                   budget=budget)
+    try:
+        for j, token, finished in stream:
+            answers.setdefault(j, []).append(token)
+            if finished:
+                (i, s), ids = todo[j], answers.pop(j)
+                record = make_record(i, s, rows[i], ids, tok, budget)
+                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out_file.flush()
+                records.append(record)
+                bar.update(1)
+    except (torch.OutOfMemoryError, KeyboardInterrupt) as stop:
+        why = "interrupted"
+        if isinstance(stop, torch.OutOfMemoryError):
+            why = ("error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) "
+                   "positions): lower --batch_size")
+        raise SystemExit(f"{why}; the {len(records)} finished answers are kept in {out_file.name}, "
+                         "continue with --resume") from None
+    bar.close()
+    return records, time.time() - start
+
+
+def run_generation(args):
+    """The generate command, in one process or one of several under torchrun: each process answers a share of
+    the problems into its own part file; the first merges them into --out and writes the summary."""
+    rank, world_size, device = qwen3.init_processes(args.device, group=False)  # no collectives: files only
+    out = Path(args.out)
+    rows = load_problems(args)
+    if out.exists() and out.stat().st_size and not args.resume:
+        raise ValueError(f"{out} exists: add --resume to continue it, or choose another --out")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    # 1. the model and its tokenizer
+    dtype = qwen3.pick_dtype(args.dtype, device)
+    model, tok = qwen3.load(args.checkpoint_path or args.model, args.which_model, device, dtype,
+                            args.cache_dir)
+    sampling, budget = sampling_settings(args), thinking_budget(args, tok)
+    settings = protocol(args, tok, dtype, sampling)
+    summary_path = summary_path_of(out)
+    if args.resume and summary_path.exists():
+        old = json.loads(summary_path.read_text()).get("protocol", {})
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: {out} was made with other settings, (then, now): {changed}; "
+                             "choose another --out")
+    # 2. the prompts; each process takes every world_size-th problem in order of prompt length (balanced work)
+    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["problem"]))
+    mine = set(by_length[rank::world_size])
+    part = out if world_size == 1 else out.with_name(f"{out.stem}.part{rank}-of-{world_size}{out.suffix}")
+    done_flag = part.with_suffix(".done")
+    previous = read_records(out) if args.resume and out.exists() else []
+    previous_part = read_records(part) if args.resume and part != out and part.exists() else []
+    done = {(r["index"], r.get("sample", 0)) for r in previous + previous_part}
+    todo = [(i, s) for i in sorted(mine) for s in range(args.num_samples) if (i, s) not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        print(f"device {device} ({settings['dtype']}) x {world_size} processes, model {settings['model']}, "
+              f"tokenizer {tok.kind}: {describe_protocol(settings)}; {len(rows)} problems")
+        summary_path.write_text(json.dumps({"protocol": settings, "complete": False}, indent=2))
+    done_flag.unlink(missing_ok=True)
+    kept = previous if part == out else previous_part
+    with open(part, "w", encoding="utf-8") as f:  # rewrite without a cut-off last line, then append
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+        new, wall = generate_records(args, model, tok, rows, todo, f, sampling, budget, quiet=rank > 0)
+    if rank > 0:
+        return done_flag.touch()
+    records = previous + new
+    if world_size > 1:  # wait for the other processes' parts (torchrun stops everyone if one fails)
+        parts = [out.with_name(f"{out.stem}.part{r}-of-{world_size}{out.suffix}") for r in range(world_size)]
+        while not all(p.with_suffix(".done").exists() for p in parts[1:]):
+            time.sleep(1)
+        records = previous + [r for p in parts for r in read_records(p)]
+    # one record per (problem, sample), in order: the same file whatever the batch size or number of processes
+    records = sorted({(r["index"], r.get("sample", 0)): r for r in records}.values(),
+                     key=lambda r: (r["index"], r.get("sample", 0)))
+    write_records(out, records)
+    if world_size > 1:
+        for p in parts:
+            p.with_suffix(".done").unlink(missing_ok=True)
+            if p != out:
+                p.unlink()
+    # 5. the summary
+    return finish(args, records, wall, settings, out)
+
+
+def load_problems(args):
+    rows = data.load_math500(args.data_path, args.cache_dir)[:args.dataset_size]
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)
+                or not isinstance(r.get("problem"), str) or "answer" not in r), None)
+    if bad is not None:
+        raise ValueError(f"{args.data_path or 'MATH-500'}: row {bad} lacks a 'problem' string or an 'answer' "
+                         "(MATH-500 schema)")
+    return rows
+
+
+def grade_file(args):
+    """The grade command: grade answers already in a file (e.g. a teacher's), no model."""
+    rows = data.read_rows(args.json_path)
+    missing = [f for f in (args.gtruth_answer, args.generated_text)
+               if not isinstance(rows[0], dict) or f not in rows[0]]
+    if missing:
+        fields = sorted(rows[0]) if isinstance(rows[0], dict) else "-"
+        raise ValueError(f"{args.json_path}: rows have no field {missing[0]!r} (fields: {fields})")
+    records = []
+    for i, row in enumerate(rows):
+        text, ref = row.get(args.generated_text), row.get(args.gtruth_answer)
+        extracted = extract_answer(text) if isinstance(text, str) else None
+        records.append({"index": i, "sample": 0, "subject": row.get("subject"), "level": row.get("level"),
+                        "gtruth_answer": ref, "generated_text": text, "extracted": extracted,
+                        "correct": grade(extracted, str(ref)),
+                        "boxed": isinstance(text, str) and has_box(text)})
+    out = Path(args.out)
+    write_records(out, records)
+    return finish(args, records, None, {"data": args.json_path, "checker": CHECKER_VERSION}, out)
+
+
+def finish(args, records, wall_time_s, settings, out):
+    summary = summarize(records, wall_time_s, settings)
+    print_summary(summary)
+    summary_path_of(out).write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out} and {summary_path_of(out)}")
+    if args.cross_check:
+        cross_check(records)
+    return summary
+
+
+def summary_path_of(out):
+    return out.with_suffix(".summary.json") if out.suffix == ".jsonl" else Path(str(out) + ".summary.json")
+
+
+def write_records(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def read_records(path):
@@ -576,32 +921,122 @@ def read_records(path):
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if n < len(lines):
-                raise ValueError(f"{path}: line {n} is not valid JSON (only the last line may be cut off)") from None
+                raise ValueError(f"{path}: line {n} is not valid JSON (only the last line may be cut "
+                                 "off)") from None
             print(f"dropping the truncated last line of {path}", file=sys.stderr)
     return records
 
 
-def grade_file(args):
-    """--json_path mode: grade existing generations, no model."""
-    rows = data.read_rows(args.json_path)
-    missing = [f for f in (args.gtruth_answer, args.generated_text) if not isinstance(rows[0], dict) or f not in rows[0]]
-    if missing:
-        raise ValueError(f"{args.json_path}: rows have no field {missing[0]!r} (fields: {sorted(rows[0]) if isinstance(rows[0], dict) else '-'})")
-    records = []
-    for i, row in enumerate(rows):
-        text, ref = row.get(args.generated_text), row.get(args.gtruth_answer)
-        extracted = extract_answer(text) if isinstance(text, str) else None
-        records.append({"index": i, "subject": row.get("subject"), "level": row.get("level"), "gtruth_answer": ref,
-                        "generated_text": text, "extracted": extracted, "correct": grade(extracted, str(ref))})
-    return records
+# -----------------------------------------------------------------------------
+# Summaries: pass@1 with its standard error, pass@k and majority vote over samples, and what went wrong
+
+
+def wilson_interval(correct, n, z=1.96):
+    """95% confidence interval of an accuracy (Wilson score), as (low, high)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # clamped: rounding must not leave [0, 1]
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of the chance that one of k answers drawn from n (c of them correct) is correct:
+    1 - C(n - c, k) / C(n, k) (Chen et al., 2021)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_answer(records):
+    """The record whose answer most samples agree on, answers grouped by the checker's equivalence (exact text
+    first, then grade); ties go to the answer that came first. None when no sample has an answer."""
+    groups = []  # [representative record, count], in order of first appearance
+    for r in sorted(records, key=lambda r: r.get("sample", 0)):
+        if r["extracted"] is None:
+            continue
+        for group in groups:
+            if group[0]["extracted"] == r["extracted"] or grade(r["extracted"], group[0]["extracted"]):
+                group[1] += 1
+                break
+        else:
+            groups.append([r, 1])
+    return max(groups, key=lambda g: g[1])[0] if groups else None  # max keeps the first of equal counts
+
+
+def accuracy_stats(by_problem):
+    """For a list of problems (each a list of its records): pass@1 (the mean over problems of each one's share
+    of correct answers) with its standard error and 95% interval; with several samples, pass@k and maj@N."""
+    shares = [sum(r["correct"] for r in rs) / len(rs) for rs in by_problem]
+    n, samples = len(shares), max(map(len, by_problem), default=1)
+    mean = sum(shares) / n if n else 0.0
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in shares) / (n - 1) / n) if n > 1 else 0.0
+    num_correct = sum(r["correct"] for rs in by_problem for r in rs)
+    stats = {"accuracy": mean, "stderr": stderr, "num_correct": num_correct, "num_examples": n}
+    if samples == 1:  # one answer per problem: a binomial proportion, whose best interval is Wilson's
+        stats["ci95"] = list(wilson_interval(num_correct, n))
+        return stats
+    stats["ci95"] = [max(0.0, mean - 1.96 * stderr), min(1.0, mean + 1.96 * stderr)]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, samples) if k <= samples})
+    stats["pass@k"] = {k: sum(pass_at_k(len(rs), sum(r["correct"] for r in rs), k) for rs in by_problem) / n
+                       for k in ks}
+    majority = [majority_answer(rs) for rs in by_problem]
+    stats[f"maj@{samples}"] = sum(bool(m and m["correct"]) for m in majority) / n
+    return stats
+
+
+def summarize(records, wall_time_s=None, settings=None):
+    """Accuracy (pass@1) with error bars, pass@k and maj@N with several samples, all by subject and level
+    too; response lengths and the shares of answers that hit the cap, loop, have no box or had their thought
+    cut."""
+    problems = defaultdict(list)
+    for r in records:
+        problems[r["index"]].append(r)
+    by_problem = list(problems.values())
+    summary = {**accuracy_stats(by_problem), "num_samples": max(map(len, by_problem), default=1)}
+    for key in ("subject", "level"):
+        groups = defaultdict(list)
+        for rs in by_problem:
+            groups[str(rs[0].get(key))].append(rs)
+        summary[f"by_{key}"] = {k: accuracy_stats(v) for k, v in sorted(groups.items())}
+    for flag in ("truncated", "looped", "boxed", "thought_cut"):
+        if records and flag in records[0]:
+            summary[f"{flag}_share"] = sum(r[flag] for r in records) / len(records)
+    if records and "num_tokens" in records[0]:
+        tokens = sum(r["num_tokens"] for r in records)
+        summary["avg_response_tokens"] = tokens / len(records)
+        if wall_time_s:
+            summary.update(wall_time_s=wall_time_s, tokens_per_sec=tokens / wall_time_s)
+    return {**summary, "protocol": settings or {}, "complete": True}
+
+
+def print_summary(s):
+    samples = s["num_samples"]
+    problems = "" if samples == 1 else f", {s['num_examples']} problems"
+    print(f"accuracy (pass@1): {100 * s['accuracy']:.1f}% ± {100 * s['stderr']:.1f} (standard error), "
+          f"95% CI {100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f}% "
+          f"({s['num_correct']}/{s['num_examples'] * samples} answers{problems})")
+    if samples > 1:
+        print(f"  maj@{samples} {100 * s[f'maj@{samples}']:.1f}%, "
+              + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in s["pass@k"].items()))
+    for key in ("by_subject", "by_level"):
+        print(f"  {key[3:]:>8}: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in s[key].items()))
+    if "avg_response_tokens" in s:
+        print(f"  average answer {s['avg_response_tokens']:.0f} tokens; "
+              f"{100 * s['truncated_share']:.1f}% hit the cap, {100 * s['looped_share']:.1f}% end in a loop, "
+              f"{100 * (1 - s['boxed_share']):.1f}% have no box, {100 * s['thought_cut_share']:.1f}% had "
+              "their thought cut" + (f"; {s['wall_time_s']:.0f} s, {s['tokens_per_sec']:.0f} tokens/s"
+                                     if "wall_time_s" in s else ""))
+    if s["protocol"].get("max_new_tokens"):
+        print(f"  protocol: {describe_protocol(s['protocol'])}")
 
 
 def cross_check(records):
-    """Grade again with HuggingFace math-verify (optional) and list disagreements."""
+    """Grade again with Hugging Face's math-verify (optional) and list the disagreements."""
     try:
-        from math_verify import parse, verify
+        from math_verify import parse, verify  # optional: only this comparison needs it
     except ImportError:
-        raise ValueError("--cross_check needs the optional package math-verify (pip install math-verify)") from None
+        raise ValueError("--cross_check needs the optional package math-verify "
+                         "(pip install math-verify)") from None
     disagreements = []
     for r in records:
         try:
@@ -610,112 +1045,57 @@ def cross_check(records):
             theirs = False
         if theirs != r["correct"]:
             disagreements.append(r)
-            print(f"  [{r['index']}] ours {r['correct']}, math-verify {theirs}: extracted {r['extracted']!r}, "
-                  f"reference {r['gtruth_answer']!r}")
+            print(f"  [{r['index']}] ours {r['correct']}, math-verify {theirs}: extracted "
+                  f"{r['extracted']!r}, reference {r['gtruth_answer']!r}")
     print(f"math-verify disagrees on {len(disagreements)} of {len(records)}")
-
-
-def make_record(index, row, ids, tok):
-    finished = bool(ids) and ids[-1] == tok.eos_token_id
-    text = tok.decode(ids[:-1] if finished else ids)
-    extracted = extract_answer(text)
-    return {"index": index, "unique_id": row.get("unique_id"), "subject": row.get("subject"), "level": row.get("level"),
-            "problem": row["problem"], "gtruth_answer": row.get("answer"), "generated_text": text,
-            "extracted": extracted, "correct": grade(extracted, str(row.get("answer"))),
-            "num_tokens": len(ids), "truncated": not finished}
-
-
-def generate_records(args, rows, done, out_file):
-    """Generate, grade and append a record for every row not in `done`; returns (records, seconds)."""
-    device = qwen3.pick_device(args.device)
-    dtype = qwen3.pick_dtype(args.dtype, device)
-    model, tok = qwen3.load_for_inference(args.model, args.which_model, args.checkpoint_path, device, dtype, args.cache_dir)
-    print(f"device {device} ({dtype}), model {args.checkpoint_path or args.model}, tokenizer {tok.kind}, "
-          f"{len(rows) - len(done)} problems to generate (batch {args.batch_size}, max_new_tokens {args.max_new_tokens})")
-    todo = [i for i in range(len(rows)) if i not in done]
-    prompts = {i: tok.encode(data.render_prompt(rows[i]["problem"])) for i in todo}
-    todo.sort(key=lambda i: len(prompts[i]))  # similar lengths are admitted together: less prefill padding
-    bar = qwen3.Progress(len(todo), "generate", unit="problems")
-    start, records, answers = time.time(), [], {}
-    stream = qwen3.generate_stream(model, [prompts[i] for i in todo], args.max_new_tokens, tok.eos_token_id,
-                                   batch_size=args.batch_size)
-    try:
-        for j, token, finished in stream:  # a record is written as soon as its answer is complete
-            answers.setdefault(j, []).append(token)
-            if finished:
-                record = make_record(todo[j], rows[todo[j]], answers.pop(j), tok)
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out_file.flush()
-                records.append(record)
-                bar.update(1)
-    except (torch.OutOfMemoryError, KeyboardInterrupt) as stop:
-        why = ("error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) positions): "
-               "lower --batch_size" if isinstance(stop, torch.OutOfMemoryError) else "interrupted")
-        raise SystemExit(f"{why}; the {len(records)} finished problems are kept in {out_file.name}, "
-                         "continue with --resume") from None
-    bar.close()
-    return records, time.time() - start
+    return disagreements
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Greedy MATH-500 evaluation with a safe \\boxed{} answer checker.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", default="Qwen/Qwen3-0.6B-Base", help="Hub repo id, local HF-layout directory, or 'tiny'")
-    a("--which_model", default="base", choices=["base", "reasoning"], help="tokenizer variant (chat template and eos)")
-    a("--checkpoint_path", default=None, help="a checkpoint of train.py: model and tokenizer come from it alone")
+    p, sub = qwen3.parser(__doc__, generate="answer MATH-500 (or a file in its schema) and grade the answers",
+                          grade="grade answers already in a file (no model)")
+    g = sub["generate"]
+    qwen3.add_flags(g, "--model", "--which_model", "--checkpoint_path")
+    a = g.add_argument
     a("--data_path", default=None, help="a file in the MATH-500 schema (default: MATH-500, downloaded once)")
     a("--dataset_size", type=int, default=None, help="evaluate only the first N problems")
-    a("--max_new_tokens", type=int, default=2048, help="the reference used 4096 for distilled models")
-    a("--batch_size", type=int, default=16,
-      help="problems generated together; a finished one's slot takes the next problem (answers equal batch size 1)")
-    a("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda, else float32")
-    a("--out", default="math500.jsonl", help="records, one JSON line per problem; the summary goes to OUT.summary.json")
-    a("--resume", action="store_true", help="continue a partial --out file: only unfinished problems are generated")
-    a("--json_path", default=None, help="grade existing generations in this JSON/JSONL file instead (no model)")
-    a("--gtruth_answer", default="gtruth_answer", help="with --json_path: the field holding the reference answer")
-    a("--generated_text", default="generated_text", help="with --json_path: the field holding the generated text")
-    a("--cross_check", action="store_true", help="also grade with math-verify (optional package) and list disagreements")
-    a("--cache_dir", default=None, help="downloads (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
+    a("--max_new_tokens", type=int, default=2048, help="the cap on an answer; the reference used 4096 for "
+                                                      "distilled models")
+    a("--batch_size", type=int, default=16, help="answers generated together; a finished one's slot takes "
+      "the next (answers are the same at any batch size)")
+    a("--preset", default="greedy", choices=["greedy", "thinking"],
+      help="decoding: greedy (the reference protocol) or the Qwen3 model card's thinking-mode sampling "
+           "(temperature 0.6, top_p 0.95, top_k 20)")
+    a("--temperature", type=float, default=None, help="sampling temperature, over the preset (0 = greedy)")
+    a("--top_p", type=float, default=None, help="nucleus sampling, over the preset, in (0, 1]")
+    a("--top_k", type=int, default=None,
+      help="sample among the k most likely tokens, over the preset (0 = all)")
+    a("--seed", type=int, default=0, help="sampling seed: answer (problem, sample) draws from its own stream")
+    a("--num_samples", type=int, default=1, help="answers per problem (prompt prefilled once); the summary "
+      "then has pass@1 +- standard error, pass@k and maj@N")
+    a("--thinking_budget", type=int, default=None,
+      help="close a thought still open after this many answer tokens with </think>, then allow "
+           "--answer_budget more for the final answer (budget forcing: plain truncation would leave no "
+           "answer)")
+    a("--answer_budget", type=int, default=512, help="tokens for the final answer after a thought is cut")
+    a("--out", default="math500.jsonl", help="one JSON line per answer; the summary goes to OUT.summary.json")
+    a("--resume", action="store_true", help="continue a partial --out file with the same settings")
+    qwen3.add_flags(g, "--device", "--dtype", "--cache_dir")
+    r = sub["grade"]
+    r.add_argument("json_path", help="a JSON/JSONL file of rows with a reference answer and a generated text")
+    r.add_argument("--gtruth_answer", default="gtruth_answer", help="the field holding the reference answer")
+    r.add_argument("--generated_text", default="generated_text", help="the field holding the generated text")
+    r.add_argument("--out", default="graded.jsonl", help="records, and the summary in OUT.summary.json")
+    for s in sub.values():
+        s.add_argument("--cross_check", action="store_true",
+                       help="also grade with math-verify (optional package) and list the disagreements")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
-    summary_path = out.with_suffix(".summary.json") if out.suffix == ".jsonl" else Path(str(out) + ".summary.json")
-    if args.json_path:
-        records, info = grade_file(args), {"json_path": args.json_path}
-        wall = None
-    else:
-        rows = data.load_math500(args.data_path, args.cache_dir)[:args.dataset_size]
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("problem"), str)
-                    or "answer" not in r), None)
-        if bad is not None:
-            raise ValueError(f"{args.data_path or 'MATH-500'}: row {bad} lacks a 'problem' string or an 'answer' (MATH-500 schema)")
-        if out.exists() and out.stat().st_size and not args.resume:
-            raise ValueError(f"{out} exists: add --resume to continue it, or choose another --out")
-        previous = read_records(out) if args.resume and out.exists() else []
-        with open(out, "w", encoding="utf-8") as f:  # rewrite without a cut-off last line, then append
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in previous)
-        if previous:
-            print(f"resuming: {len(previous)} problems already in {out}")
-        with open(out, "a", encoding="utf-8") as f:
-            new, wall = generate_records(args, rows, {r["index"] for r in previous}, f)
-        records = sorted(previous + new, key=lambda r: r["index"])
-        info = {"model": args.checkpoint_path or args.model, "max_new_tokens": args.max_new_tokens,
-                "data_path": args.data_path or "MATH-500"}
-    summary = summarize(records, wall, **info)
-    print_summary(summary)
-    summary_path.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {summary_path}" + ("" if args.json_path else f" and {out}"))
-    if args.cross_check:
-        cross_check(records)
+    return grade_file(args) if args.cmd == "grade" else run_generation(args)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
-        sys.exit(f"error: {err}")
+    qwen3.run(main)

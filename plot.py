@@ -1,15 +1,17 @@
 """
-Loss curves of training runs (train.py's metrics.csv or the reference logs) and accuracy charts of evaluations.
+Charts: loss curves of training runs, accuracy of evaluations (error bars, protocol), answer lengths.
 
-    python plot.py out/metrics.csv --out loss.png
-    python plot.py runA/metrics.csv runB/metrics.csv --labels A B --out compare.png
-    python plot.py --accuracy base.summary.json distilled.summary.json --out accuracy.png
+    python plot.py loss out/metrics.csv --out loss.png
+    python plot.py loss runA/metrics.csv runB/metrics.csv --labels A B --out compare.png
+    python plot.py accuracy base.summary.json distilled.summary.json --out accuracy.png
+    python plot.py lengths distilled.jsonl --out lengths.png
 """
-import argparse
 import csv
 import json
-import sys
 from pathlib import Path
+
+import evaluate
+import qwen3
 
 
 def read_metrics(path):
@@ -31,7 +33,7 @@ def read_metrics(path):
 
 
 def plot_losses(paths, labels, out, show):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # imported where used: the scripts that import plot need no display
     fig, ax = plt.subplots(figsize=(8, 4.5))
     spans = None
     for n, (path, label) in enumerate(zip(paths, labels)):
@@ -60,34 +62,69 @@ def plot_losses(paths, labels, out, show):
     return save(fig, out, show)
 
 
+def read_summary(path):
+    summary = json.loads(Path(path).read_text())
+    if "accuracy" not in summary:
+        raise ValueError(f"{path}: not a complete evaluate.py summary (no 'accuracy')")
+    return summary
+
+
 def plot_accuracy(paths, labels, out, show):
+    """Overall accuracy (pass@1) with its 95% interval, each bar labelled with its protocol; per subject (or
+    per level where all problems share one subject)."""
     import matplotlib.pyplot as plt
-    summaries = [json.loads(Path(p).read_text()) for p in paths]
-    for p, s in zip(paths, summaries):
-        if "accuracy" not in s:
-            raise ValueError(f"{p}: not an evaluate.py summary (no 'accuracy')")
-    # per subject (MATH-500 has seven); per level where all problems share one subject
+    summaries = [read_summary(p) for p in paths]
     key = "by_subject" if len({k for s in summaries for k in s.get("by_subject", {})}) > 1 else "by_level"
-    subjects = sorted({k for s in summaries for k in s.get(key, {})})
-    fig, (overall, per_subject) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 3]})
+    groups = sorted({k for s in summaries for k in s.get(key, {})})
+    fig, (overall, per_group) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 2.5]})
     for n, (s, label) in enumerate(zip(summaries, labels)):
         acc, (low, high) = 100 * s["accuracy"], s.get("ci95", [s["accuracy"]] * 2)
         overall.bar(n, acc, color=f"C{n}", yerr=[[acc - 100 * low], [100 * high - acc]], capsize=4)
         overall.text(n, 100 * high + 1, f"{acc:.1f}%", ha="center", va="bottom")
         width = 0.8 / len(summaries)
-        per_subject.bar([k + (n - (len(summaries) - 1) / 2) * width for k in range(len(subjects))],
-                        [100 * s.get(key, {}).get(sub, {}).get("accuracy", 0) for sub in subjects],
-                        width, color=f"C{n}", label=label)
+        protocol = evaluate.describe_protocol(s.get("protocol", {}))
+        per_group.bar([k + (n - (len(summaries) - 1) / 2) * width for k in range(len(groups))],
+                      [100 * s.get(key, {}).get(g, {}).get("accuracy", 0) for g in groups],
+                      width, color=f"C{n}", label=f"{label}: {protocol}")
     overall.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    overall.set_ylabel("Accuracy (%), 95% CI")
-    overall.set_ylim(0, 105)
+    overall.set_ylabel("Accuracy, pass@1 (%), with 95% CI")
+    overall.set_ylim(0, 108)
     overall.set_title("Overall")
-    per_subject.set_xticks(range(len(subjects)), subjects, rotation=20, ha="right")
-    per_subject.set_ylim(0, 105)
-    per_subject.set_title("By subject" if key == "by_subject" else "By level")
-    per_subject.legend()
-    for axis in (overall, per_subject):
+    per_group.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    per_group.set_ylim(0, 105)
+    per_group.set_title("By subject" if key == "by_subject" else "By level")
+    # the protocol beside each run: a greedy and a sampled accuracy are different measurements
+    per_group.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    for axis in (overall, per_group):
         axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, out, show)
+
+
+def plot_lengths(paths, labels, out, show):
+    """Distribution of answer lengths, correct and wrong apart, the cap marked: answers that pile up at the
+    cap (often in a loop) are what a longer budget or sampling could change."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4), squeeze=False)
+    for ax, path, label in zip(axes[0], paths, labels):
+        records = evaluate.read_records(path)
+        if not records or "num_tokens" not in records[0]:
+            raise ValueError(f"{path}: not evaluate.py generate records (no 'num_tokens')")
+        summary_path = evaluate.summary_path_of(Path(path))
+        cap = max(r["num_tokens"] for r in records)
+        if summary_path.exists():
+            cap = json.loads(summary_path.read_text())["protocol"].get("max_new_tokens", cap)
+        bins = [i * cap / 30 for i in range(31)]
+        for correct, color in ((True, "C2"), (False, "C3")):
+            ax.hist([r["num_tokens"] for r in records if r["correct"] == correct], bins=bins, color=color,
+                    alpha=0.6, label="correct" if correct else "wrong")
+        ax.axvline(cap, color="black", linestyle="--", linewidth=1, label=f"cap ({cap} tokens)")
+        looped = sum(r.get("looped", False) for r in records)
+        ax.set_title(f"{label}: {len(records)} answers, {looped} end in a loop")
+        ax.set_xlabel("Answer length (tokens)")
+        ax.set_ylabel("Answers")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save(fig, out, show)
 
@@ -102,12 +139,15 @@ def save(fig, out, show):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="+", help="metrics CSVs (loss curves) or, with --accuracy, evaluate.py summary JSONs")
-    p.add_argument("--accuracy", action="store_true", help="bar chart of accuracies (with 95%% CI, per subject or level)")
-    p.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
-    p.add_argument("--out", default=None, help="image file (default: loss.png, or accuracy.png with --accuracy)")
-    p.add_argument("--show", action="store_true", help="also open a window (needs a display)")
+    p, sub = qwen3.parser(__doc__, loss="loss curves from metrics CSVs (train.py's or the reference's)",
+                          accuracy="accuracy bars from evaluate.py summaries",
+                          lengths="answer-length histograms from evaluate.py records")
+    inputs = {"loss": "metrics CSVs", "accuracy": "OUT.summary.json files", "lengths": "OUT.jsonl files"}
+    for name, s in sub.items():
+        s.add_argument("paths", nargs="+", help=inputs[name])
+        s.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
+        s.add_argument("--out", default=f"{name}.png", help="image file")
+        s.add_argument("--show", action="store_true", help="also open a window (needs a display)")
     return p.parse_args(argv)
 
 
@@ -118,19 +158,14 @@ def main(argv=None):
     for path in args.paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"not found: {path}")
-    labels = args.labels or [Path(x).stem.replace(".summary", "") if Path(x).stem != "metrics" else Path(x).parent.name
-                             for x in args.paths]
+    labels = args.labels or [Path(x).parent.name if Path(x).stem == "metrics" else
+                             Path(x).stem.replace(".summary", "") for x in args.paths]
     import matplotlib
     if not args.show:
         matplotlib.use("Agg")  # headless by default
-    if args.accuracy:
-        plot_accuracy(args.paths, labels, args.out or "accuracy.png", args.show)
-    else:
-        plot_losses(args.paths, labels, args.out or "loss.png", args.show)
+    plot = {"loss": plot_losses, "accuracy": plot_accuracy, "lengths": plot_lengths}[args.cmd]
+    plot(args.paths, labels, args.out, args.show)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
-        sys.exit(f"error: {err}")
+    qwen3.run(main)

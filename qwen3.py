@@ -1,17 +1,22 @@
 """
-Qwen3 in one file: config, model, tokenizer, weight download, KV-cache generation, checkpoints.
+Qwen3 in one file: config, model, KV-cache generation, tokenizer, downloads, weights and checkpoints.
 
 Numerics follow the official Hugging Face implementation: RMSNorm in float32 then cast back,
 per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU MLP.
 
-    model = from_pretrained("Qwen/Qwen3-0.6B-Base")
+    model = load_model("Qwen/Qwen3-0.6B-Base")
     tok = load_tokenizer("Qwen/Qwen3-0.6B-Base", kind="base")
     ids = generate(model, [tok.encode("1+1=")], max_new_tokens=8, eos_id=tok.eos_token_id)
+
+    python qwen3.py generate "What is 2+3?" --checkpoint_path runs/r1     # stream an answer
+    python qwen3.py export runs/r1 runs/r1-hf                              # Hugging Face layout
 """
+import argparse
 import collections
 import hashlib
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -81,6 +86,15 @@ class Qwen3Config:
 TINY = Qwen3Config(vocab_size=320, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=48, rope_theta=10000.0,
                    tie_word_embeddings=True, max_position_embeddings=4096)
+# random init, no download: tests, the walkthrough, benchmarks of the real shapes (Qwen3 0.6B to 8B)
+RANDOM_CONFIGS = {
+    "tiny": TINY, "random-0.6B": Qwen3Config(),
+    "random-1.7B": Qwen3Config(hidden_size=2048, intermediate_size=6144),
+    "random-4B": Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                             num_attention_heads=32),
+    "random-8B": Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                             num_attention_heads=32, tie_word_embeddings=False),
+}
 
 # -----------------------------------------------------------------------------
 # Model
@@ -101,8 +115,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """cos/sin tables for integer positions [B, T] -> [B, 1, T, head_dim], computed in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    freqs = positions.float()[..., None] * (1.0 / theta ** exponents)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -123,10 +137,12 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
 
     def locate(self, positions):
-        """positions [B, T]: where each row's tokens go. Key j is visible to the query at position p iff j <= p;
-        the mask has one row per folded query (see Attention): row g * T + t sees what token t sees."""
+        """positions [B, T]: where each row's tokens go. Key j is visible to the query at position p iff
+        j <= p.
+        Rows decode at different lengths, so each needs its own mask, computed here once for all layers; it
+        has one row per folded query (see Attention): row g * T + t sees what token t sees."""
         self.positions = positions
-        self.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward, not per layer)
+        self.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward)
         visible = torch.arange(self.filled, device=positions.device) <= positions[:, None, :, None]
         self.mask = visible.repeat(1, 1, self.group, 1)
 
@@ -142,11 +158,11 @@ class KVCache:
         self.k = [t[slots] for t in self.k]
         self.v = [t[slots] for t in self.v]
 
-    def put(self, slots, other):
-        """Copy another cache's rows (new prompts' keys/values) into these slots, from position 0."""
+    def put(self, slots, other, rows):
+        """Copy rows of another cache (prefilled prompts) into these slots, from position 0."""
         n = other.k[0].shape[2]
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
-            mine[slots, :, :n] = theirs
+            mine[slots, :, :n] = theirs[rows]
 
 
 class Attention(nn.Module):
@@ -170,9 +186,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # each row attends to its own filled cache prefix, under the cache's mask
             k, v = cache.update(layer, k, v)
-            # the query heads that share a key/value head become one longer query: SDPA with a mask and
-            # enable_gqa falls back to the math kernel, which repeats the cached keys/values for every head
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=cache.mask)
+            # SDPA with a mask and enable_gqa falls back to the math kernel, which copies the cached keys and
+            # values for every query head. Instead the query heads that share a key/value head are folded into
+            # one longer query ([B, n_kv, group * T, D]): same result, no copy, fused kernels take the mask.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v,
+                                               attn_mask=cache.mask)
             y = y.view(B, self.n_head, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -219,7 +237,7 @@ class Qwen3(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids, cache=None, positions=None):
-        """Final-norm hidden states [B, T, hidden]. With a cache, positions [B, T] say where each token goes."""
+        """Final-norm hidden states [B, T, hidden]. With a cache, positions [B, T] place each token."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if cache is not None:
@@ -233,11 +251,14 @@ class Qwen3(nn.Module):
                 x = block(x, cos, sin, i, cache)
         return self.norm(x)
 
-    def forward(self, input_ids, cache=None, positions=None):
-        return self.lm_head(self.hidden_states(input_ids, cache, positions))
+    def forward(self, input_ids, cache=None, positions=None, loss_fn=None):
+        """Logits [B, T, vocab]; or loss_fn(hidden states, LM head weight), e.g. the training loss that never
+        builds the full logits. It runs inside forward so that DDP and FSDP wrappers see the whole step."""
+        hidden = self.hidden_states(input_ids, cache, positions)
+        return self.lm_head(hidden) if loss_fn is None else loss_fn(hidden, self.lm_head.weight)
 
     def compile_blocks(self):
-        """torch.compile each block, once for all sequence lengths (dynamic shapes: no recompiling per length)."""
+        """torch.compile each block once for all sequence lengths (dynamic shapes: no recompiling)."""
         for block in self.layers:
             block.compile(dynamic=True)
 
@@ -249,144 +270,199 @@ class Qwen3(nn.Module):
         cfg = self.cfg
         # the embedding is a lookup, the head a matmul: with tied weights num_params counts the pair once
         matmul_params = self.num_params() - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings)
-        attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len  # 12*L*H*D*T/2 causal
+        attention = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len  # 12LHDT/2
         return 6 * matmul_params + attention
 
 
 # -----------------------------------------------------------------------------
-# Answer-only cross-entropy, fused with the LM head and computed in chunks of positions
-# so that the [tokens, 151936] float32 logits never exist in full (forward or backward).
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk_size):
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size] @ weight.t()).float()
-            nll = torch.logsumexp(logits, -1) - logits.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
-            total += (nll * token_weights[s:s + chunk_size]).sum()
-        ctx.save_for_backward(hidden, weight, targets, token_weights)
-        ctx.chunk_size = chunk_size
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        hidden, weight, targets, token_weights = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s:s + ctx.chunk_size]
-            grad_logits = torch.softmax(h @ weight.t(), -1, dtype=torch.float32)  # d nll / d logits = softmax - onehot
-            grad_logits[torch.arange(len(h), device=h.device), targets[s:s + ctx.chunk_size]] -= 1
-            grad_logits = grad_logits.mul_(token_weights[s:s + ctx.chunk_size, None] * grad_total).to(weight.dtype)
-            grad_hidden[s:s + ctx.chunk_size] = grad_logits @ weight
-            # matmuls in the weights' dtype (bfloat16 tensor cores, not float32 ones), summed over chunks in float32
-            grad_weight += grad_logits.t() @ h
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
-
-
-def answer_loss(model, input_ids, targets, loss_mask, per_example_mean=False, normalizer=None, chunk_size=512):
-    """Cross-entropy over the answer tokens only (loss_mask True), accumulated in float32.
-
-    Default: sum of token losses / normalizer, the number of answer tokens (of this batch unless given:
-    pass the optimizer step's total under gradient accumulation). per_example_mean: each example's own
-    mean, summed / normalizer examples; at batch size 1 both equal the reference per-example loss.
-    """
-    hidden = model.hidden_states(input_ids)
-    mask = loss_mask.bool()
-    counts = mask.sum(1, keepdim=True).float()
-    if per_example_mean:
-        token_weights = 1.0 / (counts * (normalizer or mask.shape[0]))
-    else:
-        token_weights = torch.full_like(counts, 1.0 / (normalizer or counts.sum()))
-    return ChunkedCrossEntropy.apply(hidden[mask], model.lm_head.weight, targets[mask],
-                                     token_weights.expand_as(mask)[mask].contiguous(), chunk_size)
-
-
-# -----------------------------------------------------------------------------
-# Generation: batched greedy (or sampled) decoding with a KV cache
-
-
-def _pick(logits, temperature, top_p, generator):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_probs, order = probs.sort(-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+# Generation. generate_simple is the plain version to read first; generate_stream is the fast one
+# used everywhere (many prompts in one batch, sampling, shared prompts, thinking budgets).
 
 
 @torch.inference_mode()
-def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None, temperature=0.0, top_p=1.0, seed=None):
+def generate_simple(model, prompt, max_new_tokens, eos_id=None):
+    """Greedy answer to one prompt with a KV cache: prefill the prompt, then feed one token at a time."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+    positions = torch.arange(len(prompt), device=device)[None]
+    answer = []
+    while len(answer) < max_new_tokens and (not answer or answer[-1] != eos_id):
+        logits = model(ids, cache, positions)[:, -1]  # only the last position predicts the next token
+        answer.append(int(logits.argmax(-1)))
+        ids, positions = torch.tensor([[answer[-1]]], device=device), positions[:, -1:] + 1
+    return answer
+
+
+@dataclass
+class Sampling:
+    """Decoding settings. temperature 0 is greedy; otherwise a token is drawn from the tempered distribution
+    restricted to the top_k most likely tokens (0: all) and then to the top_p nucleus."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def check(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        return self
+
+    def stream(self, key):
+        """The random numbers of one answer: its own stream, seeded by (seed, key), so that a sampled answer
+        does not depend on the batch size or on which other prompts share the batch."""
+        return random.Random(f"{self.seed}/{key}")
+
+
+# the Qwen3 model card's settings for thinking mode (it advises against greedy decoding there)
+THINKING_SAMPLING = dict(temperature=0.6, top_p=0.95, top_k=20)
+
+
+def pick_tokens(logits, sampling, uniforms):
+    """The next token of each row: argmax, or inverse-CDF sampling with one uniform number per row."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits.float() / sampling.temperature, -1), None
+    if sampling.top_k:
+        probs, order = probs.topk(min(sampling.top_k, probs.shape[-1]), -1)
+    if sampling.top_p < 1:
+        if order is None:
+            probs, order = probs.sort(-1, descending=True)
+        # keep the smallest set of most likely tokens whose mass reaches top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0.0)
+    cdf = probs.double().cumsum(-1)  # float64: a uniform just below 1 must not round up past the last token
+    choice = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    return choice.squeeze(-1) if order is None else order.gather(-1, choice).squeeze(-1)
+
+
+@dataclass
+class ThinkingBudget:
+    """Budget forcing: an answer with `tokens` tokens and its <think> still open gets close_ids (</think>
+    and a blank line) appended, then at most `answer_tokens` more for its final answer."""
+    tokens: int
+    open_id: int
+    close_ids: list
+    answer_tokens: int = 512
+
+    def still_thinking(self, thinking, token):
+        """Whether the thought is open after `token`, given whether it was open before."""
+        return token == self.open_id or (thinking and token != self.close_ids[0])
+
+    def cut_at(self, answer):
+        """Where generate_stream closed this (complete) answer's thought by force, or None."""
+        thinking = False
+        for token in answer[:self.tokens]:
+            thinking = self.still_thinking(thinking, token)
+        return self.tokens if thinking and len(answer) > self.tokens else None
+
+
+@torch.inference_mode()
+def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None, sampling=None, keys=None,
+                    budget=None):
     """Yield (row, token, done) for each new token of each prompt, as soon as it exists.
 
     Up to batch_size prompts (default: all) decode together in one preallocated KV cache, one slot each;
     every row keeps its true positions, so results equal running each prompt alone. A row is done at
     eos_id (which is yielded) or after max_new_tokens. Its slot then takes the next waiting prompt
-    (continuous batching: the batch stays full), or leaves the batch when none waits.
+    (continuous batching: the batch stays full), or leaves the batch when none waits. Equal prompts (several
+    samples of one problem) are prefilled once. keys name each row's random stream (default: its index).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     if not prompts or max_new_tokens < 1:
         return
+    sampling = sampling or Sampling()
+    keys = keys or range(len(prompts))
     device = next(model.parameters()).device
+    limit = max(max_new_tokens, budget.tokens + len(budget.close_ids) + budget.answer_tokens if budget else 0)
     slots = min(batch_size or len(prompts), len(prompts))
-    cache = KVCache(model.cfg, slots, max(map(len, prompts)) + max_new_tokens, device, model.embed_tokens.weight.dtype)
-    rows, counts = [None] * slots, [0] * slots  # the prompt decoding in each slot (None: free), its new tokens
-    tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next input token and its position
+    cache = KVCache(model.cfg, slots, max(map(len, prompts)) + limit, device, model.embed_tokens.weight.dtype)
+    # Per slot: the row decoding there (None: free), its token count and limit, its random stream, the tokens
+    # to force next (a thought closed by the budget), and whether its thought is open.
+    rows, counts, limits, streams, forced, thinking = ([None] * slots for _ in range(6))
+    tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next input token, its position
     positions = torch.zeros(slots, dtype=torch.long, device=device)
     waiting = collections.deque(range(len(prompts)))
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    prefilled = _SharedPrefill(model, prompts, device)
     while True:
         free = [s for s, row in enumerate(rows) if row is None]
-        if len(free) > len(waiting):  # more free slots than prompts: the surplus leaves the batch
-            keep = [s for s, row in enumerate(rows) if row is not None] + free[:len(waiting)]
-            keep.sort()
+        if len(free) > len(waiting):  # more free slots than prompts: the surplus leaves the batch (an idle
+            # row would still cost its share of every decode step)
+            keep = sorted([s for s, row in enumerate(rows) if row is not None] + free[:len(waiting)])
             if not keep:
                 return
-            rows, counts = [rows[s] for s in keep], [counts[s] for s in keep]
+            rows, counts, limits, streams, forced, thinking = (
+                [column[s] for s in keep] for column in (rows, counts, limits, streams, forced, thinking))
             keep = torch.tensor(keep, device=device)
             tokens, positions = tokens[keep], positions[keep]
             cache.keep(keep)
             free = [s for s, row in enumerate(rows) if row is None]
-        if free:  # admit: prefill all but the last prompt token, which the decode step below feeds
+        if free:  # admit: the cache gets all but the last prompt token, which the decode step below feeds,
+            # so that a new row joins the shared step at once
             new = [waiting.popleft() for _ in free]
-            prefill = [(s, prompts[i][:-1]) for s, i in zip(free, new) if len(prompts[i]) > 1]
-            if prefill:
-                _prefill(model, cache, *zip(*prefill))
+            prefilled.put(cache, free, new)
             for s, i in zip(free, new):
-                rows[s], counts[s] = i, 0
+                rows[s], counts[s], limits[s], forced[s], thinking[s] = i, 0, max_new_tokens, [], False
+                streams[s] = sampling.stream(keys[i])
             free_t = torch.tensor(free, device=device)
             tokens[free_t] = torch.tensor([prompts[i][-1] for i in new], device=device)
             positions[free_t] = torch.tensor([len(prompts[i]) - 1 for i in new], device=device)
         logits = model(tokens[:, None], cache, positions[:, None])[:, -1]
-        tokens, positions = _pick(logits, temperature, top_p, generator), positions + 1
-        for s, token in enumerate(tokens.tolist()):  # the one host sync per step
+        uniforms = torch.tensor([stream.random() for stream in streams], dtype=torch.float64, device=device)
+        picked = pick_tokens(logits, sampling, uniforms).tolist()  # the one host sync per step
+        for s, token in enumerate(picked):
+            if forced[s]:  # the budget closes this thought: the forced tokens replace the model's choice
+                picked[s] = token = forced[s].pop(0)
             counts[s] += 1
-            done = token == eos_id or counts[s] == max_new_tokens
+            if budget:
+                thinking[s] = budget.still_thinking(thinking[s], token)
+                if thinking[s] and counts[s] == budget.tokens:
+                    forced[s] = list(budget.close_ids)
+                    limits[s] = budget.tokens + len(budget.close_ids) + budget.answer_tokens
+            done = token == eos_id or counts[s] == limits[s]
             yield rows[s], token, done
             if done:
                 rows[s] = None
+        tokens, positions = torch.tensor(picked, device=device), positions + 1  # the next step's inputs
 
 
-def _prefill(model, cache, slots, prompts):
-    """Compute the keys/values of `prompts` (right-padded together) and write them into cache `slots`."""
-    device = cache.k[0].device
-    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    part = KVCache(model.cfg, len(prompts), ids.shape[1], device, cache.k[0].dtype)
-    model.hidden_states(ids, part, torch.arange(ids.shape[1], device=device).expand_as(ids))
-    cache.put(list(slots), part)
+class _SharedPrefill:
+    """Prefills prompts into cache slots, each distinct prompt once: its keys/values are kept while other rows
+    with the same prompt (more samples of the problem) still wait, and copied into their slots."""
+
+    def __init__(self, model, prompts, device):
+        self.model, self.prompts, self.device = model, prompts, device
+        self.waiting = collections.Counter(tuple(p) for p in prompts)  # rows per prompt not yet admitted
+        self.kept = {}  # distinct prompt -> (cache holding its keys/values, row in that cache)
+
+    def put(self, cache, slots, rows):
+        todo = list(dict.fromkeys(tuple(self.prompts[i]) for i in rows
+                                  if len(self.prompts[i]) > 1 and tuple(self.prompts[i]) not in self.kept))
+        if todo:  # one right-padded forward for the new prompts: the causal mask makes padding harmless
+            part = KVCache(self.model.cfg, len(todo), max(map(len, todo)) - 1, self.device, cache.k[0].dtype)
+            ids = torch.zeros(len(todo), max(map(len, todo)) - 1, dtype=torch.long)
+            for r, p in enumerate(todo):
+                ids[r, :len(p) - 1] = torch.tensor(p[:-1])
+            self.model.hidden_states(ids.to(self.device), part)
+            self.kept.update({p: (part, r) for r, p in enumerate(todo)})
+        for slot, i in zip(slots, rows):
+            prompt = tuple(self.prompts[i])
+            if len(prompt) > 1:
+                part, r = self.kept[prompt]
+                cache.put([slot], part, [r])
+            self.waiting[prompt] -= 1
+            if not self.waiting[prompt]:
+                self.kept.pop(prompt, None)  # its last row is in: free the memory
 
 
-def generate(model, prompts, max_new_tokens, eos_id=None, batch_size=None, **sampling):
+def generate(model, prompts, max_new_tokens, eos_id=None, batch_size=None, **options):
     """Token ids generated for each prompt (eos included when reached)."""
     out = [[] for _ in prompts]
-    for row, token, _ in generate_stream(model, prompts, max_new_tokens, eos_id, batch_size, **sampling):
+    for row, token, _ in generate_stream(model, prompts, max_new_tokens, eos_id, batch_size, **options):
         out[row].append(token)
     return out
 
@@ -402,10 +478,12 @@ class Tokenizer:
     """The official tokenizer.json through `tokenizers`, in one of two variants.
 
     base: no chat template, eos <|endoftext|>.
-    reasoning: prompts wrapped as <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n, eos <|im_end|>.
+    reasoning: prompts wrapped as <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n,
+    eos <|im_end|>.
     """
 
     def __init__(self, tokenizer_json: str, kind="base"):
+        # imported here, as requests and safetensors below: `import qwen3` stays light for what needs none
         from tokenizers import Tokenizer as HFTokenizer
         if kind not in ("base", "reasoning"):
             raise ValueError(f"tokenizer kind must be 'base' or 'reasoning', not {kind!r}")
@@ -419,27 +497,34 @@ class Tokenizer:
         self.sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
 
     def wrap(self, prompt):
-        return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n" if self.kind == "reasoning" else prompt
+        if self.kind == "base":
+            return prompt
+        return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
     def encode(self, text, chat_wrapped=None):
-        """Token ids; chat_wrapped defaults to True for the reasoning variant (prompts), pass False for targets."""
+        """Token ids; chat_wrapped defaults to True for the reasoning variant (prompts): False for targets."""
         if chat_wrapped is None:
             chat_wrapped = self.kind == "reasoning"
         return self.tok.encode(self.wrap(text) if chat_wrapped else text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        """Unwrapped ids for many texts at once, on all CPU cores."""
-        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: 2x faster
+        """Unwrapped ids for many texts at once, on all CPU cores (without offsets: twice as fast)."""
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def vocabulary(self):
+        """Every token string and its id, special tokens included: two tokenizers agree iff these do."""
+        return self.tok.get_vocab(with_added_tokens=True)
 
 
 def tiny_tokenizer_json():
     """A byte-level tokenizer (256 byte tokens + the Qwen3 special-token strings) built in code."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     # id = byte value; the characters are ByteLevel's printable stand-ins for the 256 bytes (GPT-2's mapping)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = iter(range(256, 512))
     vocab = {(chr(b) if b in printable else chr(next(others))): b for b in range(256)}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -451,7 +536,7 @@ def tiny_tokenizer_json():
 
 def load_tokenizer(name_or_path, kind="base", cache_dir=None):
     """Tokenizer from a repo id, a local model directory, a tokenizer.json file, or 'tiny' / 'random-0.6B'."""
-    if name_or_path in ("tiny", "random-0.6B"):  # the random models use the byte-level tokenizer
+    if name_or_path in RANDOM_CONFIGS:  # the random models use the byte-level tokenizer
         return Tokenizer(tiny_tokenizer_json(), kind)
     path = Path(name_or_path)
     if path.is_dir():
@@ -459,7 +544,7 @@ def load_tokenizer(name_or_path, kind="base", cache_dir=None):
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path.parent}: copy the official one there")
     elif not path.is_file():  # a Hub repo id: fetch tokenizer.json alone, not the weights
-        path = hub_files(str(name_or_path), ["tokenizer.json"], cache_dir)[0]
+        path = _hub_files(str(name_or_path), ["tokenizer.json"], cache_dir)[0]
     return Tokenizer(path.read_text(encoding="utf-8"), kind)
 
 
@@ -477,33 +562,38 @@ class DownloadError(RuntimeError):
 
 class Progress:
     """A minimal progress bar on stderr: done/total, rate and ETA. Redrawn in place five times a second
-    on a terminal; one line every 30 s when stderr is a file or a pipe."""
+    on a terminal; one line every 30 s when stderr is a file or a pipe. quiet: draws nothing."""
 
-    def __init__(self, total=None, desc="", unit="it", scale=1):
-        self.total, self.desc, self.unit, self.scale = total, desc, unit, scale
+    def __init__(self, total=None, desc="", unit="it", scale=1, quiet=False):
+        self.total, self.desc, self.unit, self.scale, self.quiet = total, desc, unit, scale, quiet
         self.done, self.start, self.last = 0, time.time(), time.time()
         self.tty = sys.stderr.isatty()
 
     def update(self, n=1):
         self.done += n
         now = time.time()
-        if now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            of = f"/{self.total / self.scale:.0f}" if self.total else ""
-            eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
-            line = f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} ({rate / self.scale:.1f} {self.unit}/s){eta}"
-            sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
-            sys.stderr.flush()
+        due = now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total)
+        if self.quiet or not due:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total / self.scale:.0f}" if self.total else ""
+        eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
+        line = (f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} "
+                f"({rate / self.scale:.1f} {self.unit}/s){eta}")
+        sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
+        sys.stderr.flush()
 
     def write(self, message):
         """Print a line above the bar."""
+        if self.quiet:
+            return
         if self.tty:
             sys.stderr.write("\r\033[K")
         print(message, flush=True)
 
     def close(self):
-        if self.tty:
+        if self.tty and not self.quiet:
             sys.stderr.write("\n")
 
 
@@ -549,97 +639,143 @@ def download(url, dest, retries=4, session=None, chunk=1 << 16):
             return dest
         except DownloadError:
             raise
-        except Exception as e:  # connection errors, timeouts, 5xx: retry with backoff, keeping the partial file
+        except Exception as e:  # connection errors, timeouts, 5xx: retry with backoff, keep the partial file
             last_error = e
             if attempt + 1 < retries:
                 time.sleep(min(2 ** attempt, 10))
-    raise DownloadError(f"could not download {url} after {retries} tries: {type(last_error).__name__}: {last_error}")
+    raise DownloadError(f"could not download {url} after {retries} tries: "
+                        f"{type(last_error).__name__}: {last_error}")
 
 
 # -----------------------------------------------------------------------------
-# Official weights: Hugging Face layout (config.json, tokenizer.json, model*.safetensors)
+# Weights and checkpoints. Three ways in: load_model (a random config, a Hugging Face-layout directory or
+# Hub repo id), load_checkpoint (this project's files: weights, config and tokenizer in one), and load,
+# which takes either and returns the model with its tokenizer.
 
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+CHECKPOINT_FORMAT = "qwen3-distill-v1"
 
 
-def shard_names(index_path):
-    """The weight files listed by a model.safetensors.index.json."""
-    return sorted(set(json.loads(Path(index_path).read_text())["weight_map"].values()))
-
-
-def _complete(d: Path):
-    """Config and every weight file present (the tokenizer is loaded, and fetched, on its own)."""
-    if not (d / "config.json").exists():
-        return False
-    if (d / "model.safetensors").exists():
-        return True
-    index = d / "model.safetensors.index.json"
-    return index.exists() and all((d / f).exists() for f in shard_names(index))
-
-
-def _repo_cache_dir(repo, cache_dir):
-    return Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
-
-
-def hub_files(repo, files, cache_dir=None):
-    """Local paths of files from a Hub repo, downloaded once into the cache (a second run makes no request)."""
-    if repo.count("/") != 1:
-        raise FileNotFoundError(f"{repo!r} is neither a local path nor a Hugging Face repo id like 'Qwen/Qwen3-0.6B-Base'")
-    d = _repo_cache_dir(repo, cache_dir)
-    try:
-        return [d / f if (d / f).exists() else download(HF_URL.format(repo=repo, file=f), d / f) for f in files]
-    except DownloadError as e:  # the first line keeps the cause (e.g. "HTTP 404", which the shard probe looks for)
-        raise DownloadError(f"{e}\nCould not fetch {repo} from the Hugging Face Hub. On a machine with internet, download "
-                            f"config.json, tokenizer.json and model*.safetensors from https://huggingface.co/{repo} "
-                            f"into {d} (or any directory, and pass that directory instead of the repo id).") from None
-
-
-def resolve_model_dir(name_or_dir, cache_dir=None):
-    """A local model directory for a path or a Hub repo id, downloading what is missing (once)."""
-    if Path(name_or_dir).is_dir():
-        d = Path(name_or_dir)
-        if not _complete(d):
-            raise FileNotFoundError(f"{d} is not a Hugging Face model directory: it needs config.json and "
-                                    "model.safetensors (or model.safetensors.index.json with its shards)")
-        return d
-    repo = str(name_or_dir)
-    d = _repo_cache_dir(repo, cache_dir)
-    if _complete(d):
-        return d
-    hub_files(repo, ["config.json", "tokenizer.json"], cache_dir)
-    try:  # sharded checkpoints have an index; single-file ones answer 404
-        shards = shard_names(hub_files(repo, ["model.safetensors.index.json"], cache_dir)[0])
-    except DownloadError as e:
-        if "HTTP 404" not in str(e):
-            raise
-        shards = ["model.safetensors"]
-    hub_files(repo, shards, cache_dir)
-    return d
-
-
-def hf_name(name):
-    return name if name == "lm_head.weight" else "model." + name
-
-
-def load_state_dict_strict(model, tensors, source):
-    """Copy tensors (official names) into the model; any missing, unexpected or misshapen tensor is an error."""
-    own = {hf_name(k): v for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
+def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
+    """'tiny' or 'random-0.6B' (random init, seeded), a Hub repo id or a local Hugging Face directory."""
+    if name in RANDOM_CONFIGS:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return Qwen3(RANDOM_CONFIGS[name]).to(dtype=dtype).eval()
+    from safetensors.torch import load_file
+    d = _model_dir(name, cache_dir)
+    cfg = Qwen3Config.from_hf(json.loads((d / "config.json").read_text()))
+    tensors = {}
+    for f in _weight_files(d):
+        tensors.update(load_file(d / f))
+    model = _empty_model(cfg, device, dtype)
+    own = {_hf_name(k): v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:  # one tensor under two names; some tied checkpoints store the copy too
         own.pop("lm_head.weight")
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # some tied checkpoints store a copy
+        tensors.pop("lm_head.weight", None)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        raise ValueError(f"{d}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for name, t in tensors.items():
         if t.shape != own[name].shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(own[name].shape)}")
+            raise ValueError(f"{d}: tensor {name} has shape {tuple(t.shape)}, the config needs "
+                             f"{tuple(own[name].shape)}")
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t)
+    return model.eval()
 
 
-def empty_model(cfg, device, dtype):
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer, checkpoint dict) rebuilt from a checkpoint alone."""
+    state = read_checkpoint(path, device)
+    model = _empty_model(_checkpoint_config(state), device, dtype)
+    load_weights(model, state, path)
+    tokenizer = Tokenizer(state["tokenizer"]["json"], state["tokenizer"]["kind"])
+    return model.eval(), tokenizer, state
+
+
+def load(source, which_model="base", device="cpu", dtype=torch.float32, cache_dir=None):
+    """(model, tokenizer) from a checkpoint of this project (a .pth file, or a run directory for its latest
+    epoch), which carries its own tokenizer variant; or else from a model name, with `which_model`."""
+    source = str(source)
+    if source.endswith(".pth") or list(Path(source).glob("*-step*-epoch*.pth")):
+        return load_checkpoint(source, device, dtype)[:2]
+    return load_model(source, device, dtype, cache_dir), load_tokenizer(source, which_model, cache_dir)
+
+
+def save_checkpoint(path, model, tokenizer, weights=None, **extra):
+    """Atomic save (temp file, then rename). weights: the model's state dict unless given (gathered from
+    shards); they keep the dtype they train in (float32 master weights: what an exact resume needs).
+    extra: optimizer state, step, RNG states... (plain data only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict() if weights is None else weights
+    state = {"format": CHECKPOINT_FORMAT, "config": asdict(model.cfg), "model": weights,
+             "tokenizer": {"json": tokenizer.json, "kind": tokenizer.kind}, **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict, never unpickling anything but tensors and plain data (weights_only=True).
+    A run directory stands for its latest epoch checkpoint."""
+    if Path(path).is_dir():
+        epochs = sorted(Path(path).glob("*-step*-epoch*.pth"),
+                        key=lambda p: int(re.search(r"-step(\d+)-", p.name).group(1)))
+        if not epochs:
+            raise FileNotFoundError(f"no epoch checkpoint (*-step*-epoch*.pth) in {path}")
+        path = epochs[-1]
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint written by this project (a bare state dict? "
+                         "use --model to give the architecture and load it with --checkpoint_path in "
+                         "train.py)")
+    return state
+
+
+def load_weights(model, state, path):
+    """Load a checkpoint's weights into a model of the same config, or say why not in one line."""
+    theirs = _checkpoint_config(state)
+    if theirs != model.cfg:
+        diff = {k: (v, getattr(model.cfg, k)) for k, v in asdict(theirs).items()
+                if getattr(model.cfg, k) != v}
+        raise ValueError(f"{path}: checkpoint is for a different model config (checkpoint vs model: {diff})")
+    with torch.no_grad():
+        model.load_state_dict(state["model"])
+
+
+def export_hf(model, tokenizer, out_dir):
+    """Write config.json, model.safetensors and tokenizer.json for transformers, vLLM and load_model."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {_hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+    (out / "tokenizer.json").write_text(tokenizer.json, encoding="utf-8")
+    eos = {"eos_token": tokenizer.eos_token, "pad_token": "<|endoftext|>"}
+    tokenizer_config = {"tokenizer_class": "Qwen2TokenizerFast", **eos}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out
+
+
+def _hf_name(name):
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def _empty_model(cfg, device, dtype):
     """A model with uninitialised weights (no slow random init for weights about to be overwritten)."""
     with torch.device("meta"):
         model = Qwen3(cfg)
@@ -649,127 +785,65 @@ def empty_model(cfg, device, dtype):
     return model
 
 
-def from_pretrained(name_or_dir, device="cpu", dtype=torch.float32, cache_dir=None):
-    """Model (eval mode) from a Hub repo id or a local Hugging Face-layout directory."""
-    from safetensors.torch import load_file
-    d = resolve_model_dir(name_or_dir, cache_dir)
-    cfg = Qwen3Config.from_hf(json.loads((d / "config.json").read_text()))
-    single = (d / "model.safetensors").exists()
-    files = ["model.safetensors"] if single else shard_names(d / "model.safetensors.index.json")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(d / f))
-    model = empty_model(cfg, device, dtype)
-    load_state_dict_strict(model, tensors, d)
-    return model.eval()
+def _checkpoint_config(state):
+    known = {f.name for f in fields(Qwen3Config)}
+    return Qwen3Config(**{k: v for k, v in state["config"].items() if k in known})
 
 
-def export_hf(model, tokenizer, out_dir):
-    """Write config.json, model.safetensors and tokenizer.json loadable by transformers, vLLM and from_pretrained."""
-    from safetensors.torch import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight")
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
-    (out / "tokenizer.json").write_text(tokenizer.json, encoding="utf-8")
-    eos = {"eos_token": tokenizer.eos_token, "pad_token": "<|endoftext|>"}
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2TokenizerFast", **eos}, indent=2))
-    return out
+def _weight_files(d):
+    """The safetensors files of a model directory: one file, or the shards its index lists."""
+    if (d / "model.safetensors").exists():
+        return ["model.safetensors"]
+    return sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+def _complete(d: Path):
+    """Config and every weight file present (the tokenizer is loaded, and fetched, on its own)."""
+    index = d / "model.safetensors.index.json"
+    return (d / "config.json").exists() and ((d / "model.safetensors").exists() or (
+        index.exists() and all((d / f).exists() for f in _weight_files(d))))
+
+
+def _hub_files(repo, files, cache_dir=None):
+    """Local paths of files from a Hub repo, downloaded once into the cache (later runs make no request)."""
+    if repo.count("/") != 1:
+        raise FileNotFoundError(f"{repo!r} is neither a local path nor a Hugging Face repo id "
+                                "like 'Qwen/Qwen3-0.6B-Base'")
+    d = Path(cache_dir or default_cache_dir()) / "models" / repo.replace("/", "--")
+    try:
+        return [d / f if (d / f).exists() else download(HF_URL.format(repo=repo, file=f), d / f)
+                for f in files]
+    except DownloadError as e:  # the first line keeps the cause (e.g. "HTTP 404", read by the shard probe)
+        raise DownloadError(f"{e}\nCould not fetch {repo} from the Hugging Face Hub. On a machine with "
+                            f"internet, download config.json, tokenizer.json and model*.safetensors from "
+                            f"https://huggingface.co/{repo} into {d} (or any directory, and pass that "
+                            "directory instead of the repo id).") from None
+
+
+def _model_dir(name_or_dir, cache_dir=None):
+    """A local model directory for a path or a Hub repo id, downloading what is missing (once)."""
+    if Path(name_or_dir).is_dir():
+        d = Path(name_or_dir)
+        if not _complete(d):
+            raise FileNotFoundError(f"{d} is not a Hugging Face model directory: it needs config.json and "
+                                    "model.safetensors (or model.safetensors.index.json with its shards)")
+        return d
+    repo = str(name_or_dir)
+    d = _hub_files(repo, ["config.json", "tokenizer.json"], cache_dir)[0].parent
+    if not _complete(d):
+        try:  # sharded checkpoints have an index; single-file ones answer 404
+            _hub_files(repo, ["model.safetensors.index.json"], cache_dir)
+        except DownloadError as e:
+            if "HTTP 404" not in str(e):
+                raise
+            _hub_files(repo, ["model.safetensors"], cache_dir)
+        else:
+            _hub_files(repo, _weight_files(d), cache_dir)
+    return d
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints that describe themselves: weights + config + tokenizer, loaded with weights_only=True
-
-
-def save_checkpoint(path, model, tokenizer, **extra):
-    """Atomic save (temp file, then rename). extra: optimizer state, step, RNG states... (plain data only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": "qwen3-distill-v1", "config": asdict(model.cfg), "model": model.state_dict(),
-             "tokenizer": {"json": tokenizer.json, "kind": tokenizer.kind}, **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict, never unpickling anything but tensors and plain data.
-    A run directory stands for its latest epoch checkpoint."""
-    if Path(path).is_dir():
-        epochs = sorted(Path(path).glob("*-step*-epoch*.pth"), key=lambda p: int(re.search(r"-step(\d+)-", p.name).group(1)))
-        if not epochs:
-            raise FileNotFoundError(f"no epoch checkpoint (*-step*-epoch*.pth) in {path}")
-        path = epochs[-1]
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != "qwen3-distill-v1":
-        raise ValueError(f"{path}: not a checkpoint written by this project (a bare state dict? "
-                         "use --model to give the architecture and load it with --checkpoint_path in train.py)")
-    return state
-
-
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer, checkpoint dict) rebuilt from a checkpoint alone."""
-    state = read_checkpoint(path, device)
-    model = empty_model(checkpoint_config(state), device, dtype)
-    load_weights(model, state, path)
-    tokenizer = Tokenizer(state["tokenizer"]["json"], state["tokenizer"]["kind"])
-    return model.eval(), tokenizer, state
-
-
-def checkpoint_config(state):
-    return Qwen3Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(Qwen3Config)}})
-
-
-def load_weights(model, state, path):
-    """Load a checkpoint's weights into a model of the same config, or say why not in one line."""
-    if checkpoint_config(state) != model.cfg:
-        diff = {k: (v, getattr(model.cfg, k)) for k, v in asdict(checkpoint_config(state)).items() if getattr(model.cfg, k) != v}
-        raise ValueError(f"{path}: checkpoint is for a different model config (checkpoint vs model: {diff})")
-    with torch.no_grad():
-        model.load_state_dict(state["model"])
-
-
-def load_for_inference(model, which_model, checkpoint_path=None, device="cpu", dtype=torch.float32, cache_dir=None):
-    """(model, tokenizer) from a checkpoint (which carries both), else a model name and a tokenizer variant."""
-    if checkpoint_path:
-        return load_checkpoint(checkpoint_path, device, dtype)[:2]
-    return load_model(model, device, dtype, cache_dir), load_tokenizer(model, which_model, cache_dir)
-
-
-RANDOM_CONFIGS = {"tiny": TINY, "random-0.6B": Qwen3Config()}  # random init: tests, the walkthrough, benchmarks
-
-
-def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
-    """'tiny' or 'random-0.6B' (the 0.6B shape, random init, seeded), a Hub repo id or a local directory."""
-    if name in RANDOM_CONFIGS:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            return Qwen3(RANDOM_CONFIGS[name]).to(dtype=dtype).eval()
-    return from_pretrained(name, device, dtype, cache_dir)
-
-
-def peak_memory_gib(device):
-    """Peak GPU memory allocated on CUDA; elsewhere the process's peak resident memory."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def pick_dtype(name, device):
-    """'auto': bfloat16 on CUDA (as the reference keeps the model), float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+# Devices and processes
 
 
 def pick_device(name="auto"):
@@ -780,26 +854,107 @@ def pick_device(name="auto"):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def pick_dtype(name, device):
+    """Inference dtype. 'auto': bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory allocated on CUDA; elsewhere the process's peak resident memory."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource  # Unix only: imported where it is used
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def init_processes(device_name="auto", group=True):
+    """(rank, world size, device) of this process: under torchrun (WORLD_SIZE > 1) one GPU per local rank, and
+    with group=True the process group that collectives need (NCCL on CUDA, gloo elsewhere)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    import torch.distributed as dist  # only multi-process runs need it
+    if group and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return int(os.environ["RANK"]), world, device
+
+
+def all_sum(values, device):
+    """Element-wise sum of a list of numbers over all processes (the list itself in a single process)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 # -----------------------------------------------------------------------------
-# Command line: chat with a model or a checkpoint (streamed), export a checkpoint to the HF layout
+# Command lines: the flags the scripts share (one name, default and help everywhere), one error handler,
+# and this file's own commands (chat with a model or checkpoint, export to the Hugging Face layout)
+
+FLAGS = {
+    "--model": dict(default="Qwen/Qwen3-0.6B-Base",
+                    help="Hub repo id, local Hugging Face-layout directory, or a random model "
+                         "('tiny', 'random-0.6B')"),
+    "--which_model": dict(default="base", choices=["base", "reasoning"],
+                          help="tokenizer variant: 'reasoning' chat-wraps prompts and ends answers with "
+                               "<|im_end|>; 'base' is plain text ending with <|endoftext|>"),
+    "--checkpoint_path": dict(default=None, help="a checkpoint of train.py (a .pth file, or a run directory "
+                                                 "for its latest epoch): it carries the model and tokenizer"),
+    "--device": dict(default="auto", help="auto = cuda, then mps, then cpu"),
+    "--dtype": dict(default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="inference dtype; auto = bfloat16 on cuda, float32 elsewhere"),
+    "--cache_dir": dict(default=None, help="downloads and token cache "
+                                           "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)"),
+}
+
+
+def parser(doc, **subcommands):
+    """An argument parser showing defaults; with subcommands {name: help}: (parser, {name: subparser})."""
+    kind = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=kind)
+    if not subcommands:
+        return p
+    sub = p.add_subparsers(dest="cmd", required=True)
+    return p, {name: sub.add_parser(name, help=h, description=h, formatter_class=kind)
+               for name, h in subcommands.items()}
+
+
+def add_flags(p, *names, registry=FLAGS, **overrides):
+    """Add shared flags (from FLAGS, or data.DATA_FLAGS) to a parser. overrides {flag name without dashes:
+    dict of settings}: only where a script needs another default, and its help says why."""
+    for name in names:
+        p.add_argument(name, **{**registry[name], **overrides.get(name.lstrip("-"), {})})
+
+
+def run(main):
+    """Every script's entry point: expected errors (bad input, missing files, failed downloads) end the
+    program with one line, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, DownloadError) as err:
+        sys.exit(f"error: {err}")
 
 
 def parse_args(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="stream a greedy answer to one prompt",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p, sub = parser(__doc__, generate="stream an answer to one prompt",
+                    export="write a checkpoint in the Hugging Face layout")
+    g = sub["generate"]
     g.add_argument("prompt")
-    g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="Hub repo id, local directory or 'tiny'")
-    g.add_argument("--checkpoint_path", help="a checkpoint of this project (overrides --model)")
-    g.add_argument("--which_model", default="base", choices=["base", "reasoning"], help="tokenizer variant")
+    add_flags(g, "--model", "--which_model", "--checkpoint_path", "--device", "--dtype", "--cache_dir")
     g.add_argument("--max_new_tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--device", default="auto")
-    e = sub.add_parser("export", help="write a checkpoint in the Hugging Face layout",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--top_k", type=int, default=0, help="0 = no limit")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e = sub["export"]
     e.add_argument("checkpoint_path")
     e.add_argument("out_dir")
     return p.parse_args(argv)
@@ -811,10 +966,14 @@ def main(argv=None):
         model, tok, _ = load_checkpoint(args.checkpoint_path)
         print(f"wrote {export_hf(model, tok, args.out_dir)}")
         return
-    model, tok = load_for_inference(args.model, args.which_model, args.checkpoint_path, pick_device(args.device))
+    device = pick_device(args.device)
+    model, tok = load(args.checkpoint_path or args.model, args.which_model, device,
+                      pick_dtype(args.dtype, device), args.cache_dir)
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed).check()
     answer, shown = [], ""
-    for _, token, _ in generate_stream(model, [tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id,
-                                       temperature=args.temperature, top_p=args.top_p):
+    stream = generate_stream(model, [tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id,
+                             sampling=sampling)
+    for _, token, _ in stream:
         if token != tok.eos_token_id:  # decode the whole answer so far: one token may hold half a character
             answer.append(token)
             text = tok.decode(answer)
@@ -824,7 +983,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, DownloadError) as err:
-        sys.exit(f"error: {err}")
+    run(main)

@@ -1,11 +1,15 @@
 """
-Hard distillation: supervised fine-tuning of Qwen3 on a teacher's reasoning traces, loss on answer tokens only.
+Distillation: fine-tune Qwen3 on a teacher's reasoning traces, with the loss on the answer tokens only.
 
-The reference run (DeepSeek-R1 traces into Qwen3 0.6B Base):
+Hard distillation (the reference chapter) imitates the teacher's text by cross-entropy. Soft distillation
+(--teacher or --teacher_logits) also pulls the student's next-token probabilities towards the teacher's.
+
+The reference run, DeepSeek-R1 traces into Qwen3 0.6B Base (--dtype pure-bfloat16 for its exact numerics):
     python train.py --data_path deepseek-r1-math-train --validation_size 25 --epochs 3 --lr 1e-5 \\
         --max_seq_len 2048 --use_think_tokens --grad_clip 1.0
-Offline on a CPU:
-    python data.py synth --out demo && python train.py --model tiny --data_path demo/train.json --out_dir out/tiny ...
+The same on 8 GPUs (each optimizer step then takes 8 examples, one per GPU):
+    torchrun --standalone --nproc_per_node 8 train.py --data_path deepseek-r1-math-train ...
+Offline on a CPU: bash walkthrough.sh
 """
 import argparse
 import csv
@@ -13,153 +17,462 @@ import json
 import math
 import re
 import signal
-import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import data
 import qwen3
 
-CSV_COLUMNS = ["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s"]
+CSV_COLUMNS = ["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s",
+               "train_ce", "train_kd"]
+# flags that --resume accepts with a new value: they change where and how fast a run goes, not what it learns
+RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "epochs", "log_every", "cache_dir", "compile",
+                     "grad_checkpointing", "teacher_device"}
+# training precision: (weights and AdamW state dtype, autocast dtype of the matmuls)
+PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.float32, torch.bfloat16),
+              "pure-bfloat16": (torch.bfloat16, None)}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None, namespace=None):
+    p = qwen3.parser(__doc__)
     a = p.add_argument
-    a("--model", default="Qwen/Qwen3-0.6B-Base", help="student: Hub repo id, local HF-layout directory, or 'tiny' (random init)")
-    a("--which_model", default="reasoning", choices=["base", "reasoning"],
-      help="tokenizer variant: 'reasoning' chat-wraps prompts and ends answers with <|im_end|>, 'base' uses plain text and <|endoftext|>")
-    a("--data_path", default="deepseek-r1-math-train", help=f"teacher JSON/JSONL file or partition: {', '.join(data.PARTITIONS)}")
+    # the student learns to answer in the chat template, as the reference trains it
+    qwen3.add_flags(p, "--model", "--which_model", which_model=dict(default="reasoning"))
+    qwen3.add_flags(p, "--data_path", "--use_think_tokens", "--max_seq_len", registry=data.DATA_FLAGS)
     a("--dataset_size", type=int, default=None, help="use only the first N rows of the file")
     a("--validation_size", type=int, default=25, help="held-out examples for the validation loss")
     a("--epochs", type=int, default=2)
-    a("--log_every", type=int, default=50, help="validation loss and a CSV row every N optimizer steps")
-    a("--lr", type=float, default=5e-6, help="AdamW learning rate (constant)")
+    a("--lr", type=float, default=5e-6, help="AdamW learning rate (the peak, with a schedule)")
+    a("--lr_schedule", default="constant", choices=["constant", "cosine", "linear"],
+      help="after warmup: keep --lr, or decay it to --min_lr at the last step")
+    a("--warmup_steps", type=int, default=0, help="raise the learning rate linearly over the first N steps")
+    a("--min_lr", type=float, default=0.0, help="where the cosine or linear decay ends")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--max_seq_len", type=int, default=2048, help="drop examples longer than this many tokens")
-    a("--grad_clip_norm", "--grad_clip", type=float, default=None, help="clip the gradient norm to this value (off by default)")
-    a("--seed", type=int, default=42, help="split, shuffling and tiny-model init")
-    a("--use_think_tokens", action="store_true", help="wrap the teacher's reasoning in <think>...</think>")
-    a("--checkpoint_path", default=None, help="initialise the weights from this checkpoint (no optimizer state; see --resume)")
-    a("--resume", default=None, help="continue an interrupted run: its --out_dir or a resumable checkpoint (last.pth)")
-    a("--out_dir", default="out", help="checkpoints, metrics.csv and args.json")
-    a("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda (as the reference), else float32")
-    a("--batch_size", type=int, default=1, help="examples per micro-batch; 1 = the reference per-example loop")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--tokens_per_batch", type=int, default=0, help="also cap each micro-batch at this many padded tokens (0 = no cap)")
-    a("--per_example_mean", action="store_true",
-      help="loss = mean of per-example means (the reference's weighting); default: mean over all answer tokens of the step")
-    a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    a("--grad_clip_norm", "--grad_clip", type=float, default=None,
+      help="clip the gradient norm to this value (off by default)")
+    a("--batch_size", type=int, default=1,
+      help="examples per micro-batch; 1 = the reference per-example loop")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step (per process)")
+    a("--tokens_per_batch", type=int, default=0, help="also cap a micro-batch's padded tokens (0 = no cap)")
+    a("--per_example_mean", action="store_true", help="loss = mean of per-example means (the reference's "
+      "weighting); default: mean over the step's answer tokens")
+    a("--teacher", default=None, help="soft distillation from this model: Hub repo id, Hugging Face "
+      "directory or checkpoint; it must share the student's tokenizer")
+    a("--teacher_logits", default=None, help="soft distillation from a file of the teacher's top-k "
+      "log-probabilities (python data.py teacher-logits)")
+    a("--teacher_device", default=None, help="where the --teacher runs (default: with the student)")
+    a("--kd_weight", type=float, default=0.5,
+      help="with a teacher: loss = (1 - w) * CE + w * KD; 0 = hard distillation")
+    a("--kd_loss", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"],
+      help="KD term: KL(teacher || student), KL(student || teacher), or the generalised Jensen-Shannon "
+           "divergence with --jsd_beta")
+    a("--jsd_beta", type=float, default=0.5, help="jsd: weight of the teacher in the mixture, in (0, 1)")
+    a("--kd_temperature", type=float, default=1.0, help="soften both distributions; KD is scaled by T^2")
+    a("--dtype", default="auto", choices=["auto", *PRECISIONS],
+      help="training precision. bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update "
+           "kept); pure-bfloat16: everything in bfloat16 as the reference (small updates are rounded away); "
+           "auto = bfloat16 on cuda, float32 elsewhere")
+    a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass")
     a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--cache_dir", default=None, help="downloads and token cache (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
-    return p.parse_args(argv)
+    a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
+      "(FSDP2) instead of replicating them (DDP), for students that do not fit")
+    a("--seed", type=int, default=42, help="split, shuffling and random init")
+    a("--log_every", type=int, default=50, help="validation loss and a CSV row every N optimizer steps")
+    qwen3.add_flags(p, "--checkpoint_path", checkpoint_path=dict(
+        help="initialise the weights from this checkpoint (no optimizer state: see --resume)"))
+    a("--resume", default=None, help="continue a run in its own directory (its --out_dir or last.pth); "
+      "with --epochs N, extend it to N epochs")
+    a("--out_dir", default="out", help="checkpoints, metrics.csv and args.json")
+    qwen3.add_flags(p, "--device", "--cache_dir")
+    return p.parse_args(argv, namespace)
 
 
-def checkpoint_name(model_name, step, epoch):
-    size = "tiny" if model_name == "tiny" else (re.findall(r"Qwen3-([\d.]+B)", str(model_name)) or ["model"])[0]
-    return f"qwen3-{size}-distill-step{step:05d}-epoch{epoch}.pth"
+# -----------------------------------------------------------------------------
+# The loss: cross-entropy on the answer tokens, plus a KD term with a teacher. It is computed from the final
+# hidden states in chunks of positions, forward and backward, so that [tokens, 151,936] logits exist for one
+# chunk at a time; plain_answer_loss below is the same loss the simple way, for reading and testing.
 
 
-def load_examples(args, tok):
-    """Tokenized, filtered, split examples, with every count printed; errors before any training work."""
-    examples, skipped, num_rows = data.prepare_examples(args.data_path, tok, args.use_think_tokens, args.cache_dir)
-    if args.dataset_size:
-        examples = [e for e in examples if e["row"] < args.dataset_size]
-        num_rows = min(num_rows, args.dataset_size)
-    print(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}")
-    if not examples:
-        raise ValueError(f"no valid rows in {args.data_path} after preprocessing (skipped: {data.describe_skipped(skipped)})")
-    examples, counts = data.filter_by_length(examples, args.max_seq_len)
-    print(f"length filter <= {args.max_seq_len} tokens: kept {counts['kept']}, removed {counts['removed']}")
-    train, val = data.split_examples(examples, args.validation_size, args.seed)
-    print(f"split: {len(train)} train, {len(val)} validation")
-    return train, val
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Sum over chunks of chunk_loss(hidden[rows] @ head^T as float32, rows): one chunk's logits at a time.
+    The backward recomputes each chunk's logits and asks autograd for d loss / d logits, so any loss written
+    on logits works; the head's matmuls run in `dtype` (bfloat16 tensor cores under mixed precision) and its
+    gradient is summed over chunks in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, chunk_loss, dtype, chunk_size):
+        ctx.save_for_backward(hidden, head)
+        ctx.chunk_loss, ctx.dtype, ctx.chunk_size = chunk_loss, dtype, chunk_size
+        h, w = hidden.to(dtype), head.to(dtype)
+        return sum(chunk_loss((h[rows] @ w.t()).float(), rows) for rows in _chunks(len(h), chunk_size))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, head = ctx.saved_tensors
+        h, w = hidden.to(ctx.dtype), head.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_head = torch.zeros_like(head, dtype=torch.float32)
+        for rows in _chunks(len(h), ctx.chunk_size):
+            logits = (h[rows] @ w.t()).float().requires_grad_()
+            with torch.enable_grad():
+                (grad_logits,) = torch.autograd.grad(ctx.chunk_loss(logits, rows), logits, grad_out)
+            # column-major: both products read it as it lies (and CPUs without bfloat16 matmuls, which fall
+            # back to a generic kernel, run them a hundred times faster than from the row-major layout)
+            grad_logits = grad_logits.t().to(ctx.dtype, memory_format=torch.contiguous_format).t()
+            grad_hidden[rows] = grad_logits @ w
+            grad_head += grad_logits.t() @ h[rows]
+        return grad_hidden, grad_head.to(head.dtype), None, None, None
 
 
-def optimizer_steps(train, args, epoch):
-    """This epoch's optimizer steps, each a list of micro-batches."""
-    batches = data.make_batches(train, args.batch_size, args.seed * 1000 + epoch, args.tokens_per_batch)
-    return [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+def _chunks(n, size):
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def step_loss(model, step, per_example_mean, device, backward=True):
-    """Loss of one optimizer step (all its micro-batches), with backward; returns (loss, trained tokens)."""
-    examples = [e for b in step for e in b]
-    normalizer = len(examples) if per_example_mean else sum(len(e["token_ids"]) - e["prompt_len"] for e in examples)
-    total, tokens = 0.0, 0
-    for batch in step:
-        input_ids, targets, loss_mask = data.collate(batch, device)
-        loss = qwen3.answer_loss(model, input_ids, targets, loss_mask, per_example_mean, normalizer)
-        if backward:
-            loss.backward()
-        total += loss.item()
-        tokens += sum(len(e["token_ids"]) - 1 for e in batch)  # padding is not counted
-    return total, tokens
+def answer_loss(model, batch, example_weights, device, soft=None, chunk_size=512):
+    """(cross-entropy, KD) summed over the batch's answer tokens, each token weighted by its example's weight
+    (see token_weights). soft: the teacher's targets (Teacher or TeacherLogits); without one KD is 0."""
+    input_ids, targets, mask = data.collate(batch, device)
+    answer_lens = mask.sum(1)
+    weights = torch.repeat_interleave(torch.tensor(example_weights, device=device), answer_lens)
+    targets = targets[mask]
+    teacher = soft.targets(batch, input_ids, mask) if soft else None
+
+    def chunk_loss(logits, rows):  # the per-token terms, float32
+        ce = F.cross_entropy(logits, targets[rows], reduction="none")
+        kd = soft.divergence(logits, teacher, rows) if soft else torch.zeros_like(ce)
+        return torch.stack([(ce * weights[rows]).sum(), (kd * weights[rows]).sum()])
+
+    def loss_fn(hidden, head):
+        device = hidden.device.type  # the matmuls' dtype: autocast's where it is on, else the weights'
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.dtype
+        return ChunkedHeadLoss.apply(hidden[mask], head, chunk_loss, dtype, chunk_size)
+
+    return model(input_ids, loss_fn=loss_fn)
 
 
-def optimizer_step(model, optimizer, step, args, device, pos):
-    """Forward, backward, clip and update for one step; stop cleanly on out-of-memory or a non-finite loss."""
-    examples = [e for batch in step for e in batch]
-    try:
-        loss, tokens = step_loss(model, step, args.per_example_mean, device)
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"error: out of memory at step {pos['total_steps'] + 1} ({len(examples)} examples, longest "
-                         f"{max(len(e['token_ids']) for e in examples)} tokens): lower --batch_size or --tokens_per_batch "
-                         "or --max_seq_len, or add --grad_checkpointing")
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: non-finite loss {loss} at step {pos['total_steps'] + 1} (epoch {pos['epoch']}), data rows "
-                         f"{[e['row'] for e in examples]}; stopped without saving. Last good checkpoint: "
-                         f"{pos['last_checkpoint'] or 'none'}")
-    if args.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, tokens
+def plain_answer_loss(model, batch, example_weights, device):
+    """The same cross-entropy the simple way, as in the reference: full logits, then the answer positions."""
+    input_ids, targets, mask = data.collate(batch, device)
+    ce = F.cross_entropy(model(input_ids)[mask].float(), targets[mask], reduction="none")
+    return (ce * torch.repeat_interleave(torch.tensor(example_weights, device=device), mask.sum(1))).sum()
+
+
+def token_weights(batch, step_examples, per_example_mean):
+    """The weight of each answer token of each example of `batch`, such that the weighted sum over the whole
+    optimizer step is the mean over its answer tokens, or the mean of per-example means: so any split of a
+    step into micro-batches and processes trains exactly as one big batch."""
+    if per_example_mean:
+        return [1.0 / (len(step_examples) * answer_len(e)) for e in batch]
+    return [1.0 / sum(map(answer_len, step_examples))] * len(batch)
+
+
+def answer_len(example):
+    return len(example["token_ids"]) - example["prompt_len"]
+
+
+def divergence(student, teacher, kind, beta):
+    """Per-row divergence of two distributions given as log-probabilities over the same support."""
+    def kl(log_p, log_q):  # KL(p || q) with 0 log 0 = 0; inputs stay finite, so no NaN reaches a gradient
+        return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
+    lowest = torch.finfo(torch.float32).min
+    s, t = student.clamp(min=lowest), teacher.clamp(min=lowest)
+    if kind == "forward_kl":
+        return kl(t, s)
+    if kind == "reverse_kl":
+        return kl(s, t)
+    mixture = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    return beta * kl(t, mixture) + (1 - beta) * kl(s, mixture)
+
+
+class Teacher:
+    """An online teacher: its final hidden states at the answer positions are computed per micro-batch (no
+    gradients, inference dtype), its logits just in time, chunk by chunk, inside the student's loss."""
+
+    def __init__(self, args, student_tok, student_vocab_size, device):
+        teacher_device = args.teacher_device or device
+        self.model, tok = qwen3.load(args.teacher, student_tok.kind, teacher_device,
+                                     qwen3.pick_dtype("auto", teacher_device), args.cache_dir)
+        if tok.vocabulary() != student_tok.vocabulary() or self.model.cfg.vocab_size != student_vocab_size:
+            raise ValueError(f"teacher {args.teacher} has another tokenizer or vocabulary than the student: "
+                             "soft distillation compares them token by token, so both must share one (two "
+                             "Qwen3 models do)")
+        self.device, self.args = teacher_device, args
+        self.head = self.model.lm_head.weight.to(device)  # one copy next to the student's head
+
+    def targets(self, batch, input_ids, mask):
+        with torch.no_grad():
+            hidden = self.model.hidden_states(input_ids.to(self.device))[mask.to(self.device)]
+        return hidden.to(self.head.device)
+
+    def divergence(self, logits, hidden, rows):
+        T = self.args.kd_temperature
+        with torch.no_grad():
+            teacher = F.log_softmax((hidden[rows].to(self.head.dtype) @ self.head.t()).float() / T, -1)
+        student = F.log_softmax(logits / T, -1)
+        return divergence(student, teacher, self.args.kd_loss, self.args.jsd_beta) * T * T
+
+
+class TeacherLogits:
+    """An offline teacher: its top-k log-probabilities at every answer position (data.py teacher-logits).
+    Both distributions are compared over k + 1 buckets: the k tokens, and the rest of the vocabulary as one,
+    with the mass the teacher left there. That is exact when k covers the vocabulary; otherwise the KD term
+    only sees which of the k tokens the teacher preferred and how much it left to the rest (a biased, lower
+    estimate of the full divergence)."""
+
+    def __init__(self, args, tokenizer, train_examples, device):
+        self.file = data.read_teacher_logits(args.teacher_logits, args.data_path, tokenizer,
+                                             args.use_think_tokens, args.cache_dir)
+        self.file.check_covers(train_examples)
+        self.args, self.device = args, device
+
+    def targets(self, batch, input_ids, mask):
+        ids, logprobs, rest = zip(*(self.file.example(e["row"]) for e in batch))
+        return [torch.cat(x).to(self.device) for x in (ids, logprobs, rest)]
+
+    def divergence(self, logits, targets, rows):
+        T = self.args.kd_temperature
+        ids, logprobs, rest = (x[rows] for x in targets)
+        teacher = F.log_softmax(torch.cat([logprobs.float(), rest[:, None].float()], 1) / T, -1)
+        student = F.log_softmax(logits / T, -1)
+        student_rest = torch.logsumexp(student.scatter(1, ids.long(), torch.finfo(torch.float32).min), -1)
+        student = torch.cat([student.gather(1, ids.long()), student_rest[:, None]], 1)
+        return divergence(student, teacher, self.args.kd_loss, self.args.jsd_beta) * T * T
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step, over micro-batches and processes
+
+
+def optimizer_steps(train, args, epoch, world_size):
+    """This epoch's optimizer steps, each grad_accum x world_size micro-batches of similar length."""
+    per_step = args.grad_accum * world_size
+    seed = args.seed * 1000 + epoch  # a new order each epoch, the same on every process and after resume
+    batches = data.make_batches(train, args.batch_size, seed, args.tokens_per_batch, per_step)
+    return [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
+
+
+def rank_share(batches, rank, world_size):
+    """This process's batches: every world_size-th one, as (batch, weight) pairs. Every process gets as many:
+    where the batches run out, a stand-in of weight 0 takes part in the collectives (a process that skips
+    them would make the others wait forever)."""
+    mine = [(b, 1.0) for b in batches[rank::world_size]]
+    return mine + [(batches[0], 0.0)] * (math.ceil(len(batches) / world_size) - len(mine))
+
+
+def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, autocast=None, soft=None):
+    """Loss and gradients of one optimizer step, this process's share of it. Returns this process's part of
+    the step's (cross-entropy, KD) losses and the tokens it trained on; summed over processes, they are the
+    step's loss and tokens (the gradients are summed by DDP/FSDP)."""
+    step_examples = [e for batch in micro_batches for e in batch]
+    share = rank_share(micro_batches, rank, world_size)
+    ce_sum = kd_sum = tokens = 0.0
+    for i, (batch, weight) in enumerate(share):
+        with _gradient_sync(model, i == len(share) - 1), autocast or nullcontext():
+            # DDP and FSDP average gradients over processes: scale by world_size to sum them instead
+            weights = [w * weight * world_size
+                       for w in token_weights(batch, step_examples, args.per_example_mean)]
+            ce_kd = answer_loss(model, batch, weights, device, soft)
+            loss = (1 - args.kd_weight) * ce_kd[0] + args.kd_weight * ce_kd[1] if soft else ce_kd[0]
+        loss.backward()
+        ce, kd = ce_kd.tolist()  # one host sync per micro-batch
+        ce_sum, kd_sum = ce_sum + ce / world_size, kd_sum + kd / world_size
+        tokens += weight * sum(len(e["token_ids"]) - 1 for e in batch)  # real tokens: padding is not counted
+    return ce_sum, kd_sum, tokens
+
+
+@contextmanager
+def _gradient_sync(model, enabled):
+    """DDP and FSDP synchronise gradients in each backward: only in a step's last micro-batch."""
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(enabled)
+        yield
 
 
 @torch.no_grad()
-def validation_loss(model, val, args, device):
-    """Mean over validation examples of each example's answer loss (the reference's val loss)."""
+def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=None):
+    """Mean over validation examples of each example's answer loss (the reference's val loss: cross-entropy
+    only, so runs with and without a teacher compare)."""
     if not val:
         return float("nan")
     model.eval()
     batches = [val[i:i + args.batch_size] for i in range(0, len(val), args.batch_size)]
-    total = sum(step_loss(model, [b], True, device, backward=False)[0] * len(b) for b in batches)
+    total = 0.0
+    for batch, weight in rank_share(batches, rank, world_size):
+        with autocast or nullcontext():
+            total += answer_loss(model, batch, [weight / answer_len(e) for e in batch], device)[0].item()
     model.train()
-    return total / len(val)
+    return qwen3.all_sum([total], device)[0] / len(val)
 
 
-def prepare_out_dir(args):
-    """Refuse to overwrite a previous run; on --resume, return the resumable state."""
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.pth" if path.is_dir() else path
-        state = qwen3.read_checkpoint(path)
-        if "optimizer" not in state:
-            raise ValueError(f"{path} holds weights only: resume needs the run's last.pth (use --checkpoint_path to start from weights)")
-        resumed = argparse.Namespace(**state["args"])
-        # the hardware and the directory's place may change, nothing else
-        resumed.resume, resumed.device, resumed.out_dir = args.resume, args.device, str(path.parent)
-        return resumed, state
-    out = Path(args.out_dir)
-    if (out / "metrics.csv").exists() or list(out.glob("*.pth")):
-        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        csv.writer(f).writerow(CSV_COLUMNS)
-    return args, None
+def learning_rate(step, total_steps, args):
+    """The learning rate of optimizer step `step` (from 0): linear warmup, then constant or a decay that
+    reaches --min_lr at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps - 1)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+    return args.min_lr + (args.lr - args.min_lr) * decay
+
+
+# -----------------------------------------------------------------------------
+# Setting a run up: precision, data, model, processes, resume
+
+
+def pick_precision(name, device):
+    """(mode, weights dtype, autocast dtype) for --dtype; an error if the device cannot run it."""
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    if "bfloat16" in name and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float32")
+    return (name, *PRECISIONS[name])
+
+
+def load_examples(args, tok, say=print):
+    """Tokenized, filtered, split examples, with every count printed; errors before any training work."""
+    examples, skipped, num_rows = data.prepare_examples(args.data_path, tok, args.use_think_tokens,
+                                                        args.cache_dir)
+    if args.dataset_size:
+        examples = [e for e in examples if e["row"] < args.dataset_size]
+        num_rows = min(num_rows, args.dataset_size)
+    say(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}")
+    if not examples:
+        raise ValueError(f"no valid rows in {args.data_path} after preprocessing "
+                         f"(skipped: {data.describe_skipped(skipped)})")
+    examples, counts = data.filter_by_length(examples, args.max_seq_len)
+    say(f"length filter <= {args.max_seq_len} tokens: kept {counts['kept']}, removed {counts['removed']}")
+    train, val = data.split_examples(examples, args.validation_size, args.seed)
+    say(f"split: {len(train)} train, {len(val)} validation")
+    return train, val
+
+
+def check_schedule(args, total_steps):
+    if args.warmup_steps > total_steps:
+        raise ValueError(f"--warmup_steps {args.warmup_steps} is more than the run's {total_steps} steps")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min_lr {args.min_lr} is above --lr {args.lr}")
+    if args.kd_loss == "jsd" and not 0 < args.jsd_beta < 1:
+        raise ValueError(f"--jsd_beta must be in (0, 1), got {args.jsd_beta}")
+
+
+def resume_args(args, argv, world_size, say=print):
+    """--resume: the run's own arguments (with the changes allowed) and its resumable state."""
+    path = Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else Path(args.resume)
+    state = qwen3.read_checkpoint(path)
+    if "optimizer" not in state:
+        raise ValueError(f"{path} holds weights only: resume needs the run's last.pth "
+                         "(use --checkpoint_path to start from weights)")
+    saved = state["args"]
+    # flags given now override the saved ones; absent flags keep their saved values
+    merged = parse_args(argv, namespace=argparse.Namespace(**saved))
+    changed = [f"--{k} {saved[k]} -> {getattr(merged, k)}" for k in saved
+               if k not in RESUME_MAY_CHANGE and getattr(merged, k) != saved[k]]
+    if changed:
+        raise ValueError(f"--resume continues a run as it was started; these flags would change it: "
+                         f"{', '.join(changed)} (start a new run with --checkpoint_path {path} instead)")
+    merged.out_dir = str(path.parent)
+    old_world = state["position"]["world_size"]
+    if old_world != world_size:  # keep the examples per optimizer step, so the run stays the same
+        if merged.grad_accum * old_world % world_size:
+            raise ValueError(f"the run used {old_world} processes x --grad_accum {merged.grad_accum}; on "
+                             f"{world_size} processes no --grad_accum gives the same global batch: resume on "
+                             f"{old_world} processes")
+        merged.grad_accum = merged.grad_accum * old_world // world_size
+        say(f"resuming on {world_size} processes instead of {old_world}: --grad_accum {merged.grad_accum} "
+            "per process keeps the examples of every optimizer step as they were")
+    if merged.epochs != saved["epochs"] and merged.lr_schedule != "constant":
+        say(f"note: the {merged.lr_schedule} schedule now spans {merged.epochs} epochs instead of "
+            f"{saved['epochs']}: from here on the learning rate follows the longer curve (it rises again)")
+    return merged, state
+
+
+def check_out_dir(out):
+    """A new run may use a directory that holds no checkpoint (a run that failed before its first one)."""
+    if (out / "last.pth").exists():
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, "
+                         "or choose another --out_dir")
+    if list(out.glob("*.pth")):
+        raise ValueError(f"{out} holds checkpoints: choose another --out_dir")
+
+
+def wrap(model, args, precision, world_size):
+    """The model to train: itself, or under torchrun wrapped for DDP or sharded with FSDP2."""
+    if world_size == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        _, weights_dtype, compute_dtype = precision
+        # float32 master shards, gathered for compute in bfloat16 (the bfloat16 mode), gradients reduced
+        # in float32: the same scheme as autocast on one GPU
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype
+                                      else None)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)
+
+
+def gather_state(model, optimizer, args):
+    """Full weights, and AdamW state unless optimizer is None (under FSDP collected from the shards of every
+    process: call it on all of them)."""
+    if not args.fsdp:  # the model itself, not its DDP wrapper (whose names start with "module.")
+        return getattr(model, "module", model).state_dict(), optimizer and optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            optimizer and get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer_state(model, optimizer, state, args):
+    if not args.fsdp:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@dataclass
+class Position:
+    """Where a run is and its running sums: what a resumed run needs to continue as if it never stopped."""
+    epoch: int = 1
+    step_in_epoch: int = 0
+    total_steps: int = 0
+    elapsed_s: float = 0.0
+    interval_ce: float = 0.0  # sums since the last CSV row
+    interval_kd: float = 0.0
+    interval_steps: int = 0
+    interval_tokens: float = 0.0
+    interval_start_s: float = 0.0  # elapsed_s when the interval began (validation is not counted)
+    epoch_ce: float = 0.0  # sums since the epoch began
+    epoch_kd: float = 0.0
+    csv_rows: int = 0
+    last_checkpoint: str = ""
+    world_size: int = 1
+
+
+def checkpoint_name(model_name, step, epoch):
+    size = "tiny" if model_name == "tiny" else \
+        (re.findall(r"Qwen3-([\d.]+B)", str(model_name)) or ["model"])[0]
+    return f"qwen3-{size}-distill-step{step:05d}-epoch{epoch}.pth"
 
 
 @contextmanager
 def deferred_signals():
-    """Ctrl-C (SIGINT) and SIGTERM only raise a flag, checked after each step so that a resumable checkpoint can
-    be written; a second Ctrl-C stops at once. The previous handlers come back afterwards."""
+    """Ctrl-C (SIGINT) and SIGTERM only raise a flag, checked after each step so that a resumable checkpoint
+    can be written; a second Ctrl-C stops at once. The previous handlers come back afterwards."""
     caught = []
+
     def on_signal(signum, frame):
         if caught:
             raise KeyboardInterrupt
@@ -172,98 +485,166 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
+def append_csv(path, row):
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+
 def main(argv=None):
-    args, resume_state = prepare_out_dir(parse_args(argv))
+    args = parse_args(argv)
+    rank, world_size, device = qwen3.init_processes(args.device)
+    master = rank == 0  # the one process that prints, logs and writes files
+    say = print if master else (lambda *a, **k: None)
+    args, resume_state = resume_args(args, argv, world_size, say) if args.resume else (args, None)
     out = Path(args.out_dir)
-    device = qwen3.pick_device(args.device)
-    dtype = qwen3.pick_dtype(args.dtype, device)
+    pos = Position(**{**resume_state["position"], "world_size": world_size}) if resume_state else \
+        Position(world_size=world_size)
+    if pos.epoch > args.epochs:
+        return say(f"{out} is complete ({args.epochs} epochs): to train on, pass a larger --epochs")
+    if not resume_state:
+        check_out_dir(out)
+    precision = pick_precision(args.dtype, device)
+    mode, weights_dtype, autocast_dtype = precision
+    use_autocast = autocast_dtype and not args.fsdp  # FSDP casts for compute itself
+    autocast = torch.autocast(device.split(":")[0], autocast_dtype) if use_autocast else None
+
+    # the student, its tokenizer, the data and the teacher
     torch.manual_seed(args.seed)
-    model = qwen3.load_model(args.model, device, dtype, args.cache_dir, args.seed)
+    model = qwen3.load_model(args.model, device, weights_dtype, args.cache_dir, args.seed)
     tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
-    print(f"device {device} ({dtype}), model {args.model} ({model.num_params() / 1e6:.1f}M parameters), "
-          f"tokenizer {tok.kind} (eos {tok.eos_token})")
-    train, val = load_examples(args, tok)
+    say(f"device {device} x {world_size} processes{' (FSDP)' if args.fsdp and world_size > 1 else ''}, "
+        f"precision {mode}, model {args.model} ({model.num_params() / 1e6:.1f}M parameters), "
+        f"tokenizer {tok.kind} (eos {tok.eos_token})")
+    train, val = load_examples(args, tok, say)
+    soft = Teacher(args, tok, model.cfg.vocab_size, device) if args.teacher else None
+    soft = TeacherLogits(args, tok, train, device) if args.teacher_logits else soft
     if args.checkpoint_path:
         qwen3.load_weights(model, qwen3.read_checkpoint(args.checkpoint_path, device), args.checkpoint_path)
+    if resume_state:
+        qwen3.load_weights(model, resume_state, args.resume)
     model.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         model.compile_blocks()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    trained = wrap(model, args, precision, world_size)  # what forward and backward go through
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.startswith("cuda") or None)
-    steps_per_epoch = len(optimizer_steps(train, args, 1))
-    total_steps = steps_per_epoch * args.epochs
-    # progress state: everything a resumed run needs to continue exactly where this one stopped
-    pos = {"epoch": 1, "step_in_epoch": 0, "total_steps": 0, "interval_loss": 0.0, "interval_steps": 0,
-           "interval_tokens": 0, "epoch_loss": 0.0, "elapsed_s": 0.0, "csv_rows": 0, "last_checkpoint": None}
     if resume_state:
-        qwen3.load_weights(model, resume_state, args.resume)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        pos.update(resume_state["position"])
+        load_optimizer_state(trained, optimizer, resume_state["optimizer"], args)
         torch.set_rng_state(resume_state["rng"])
-        with open(out / "metrics.csv") as f:  # drop rows logged after the checkpoint
-            rows = f.readlines()[:pos["csv_rows"] + 1]
-        (out / "metrics.csv").write_text("".join(rows))
-        print(f"resumed from {args.resume} at epoch {pos['epoch']}, step {pos['total_steps']}")
-    print(f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps "
-          f"(batch {args.batch_size}, grad_accum {args.grad_accum}), lr {args.lr}")
+    steps_per_epoch = len(optimizer_steps(train, args, 1, world_size))
+    total_steps = steps_per_epoch * args.epochs
+    check_schedule(args, total_steps)
+    examples_per_step = args.batch_size * args.grad_accum * world_size
+    say(f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps of up to "
+        f"{examples_per_step} examples (batch {args.batch_size} x grad_accum {args.grad_accum} x "
+        f"{world_size} processes), lr {args.lr} {args.lr_schedule}, warmup {args.warmup_steps}"
+        + (f", KD {args.kd_loss} weight {args.kd_weight} T {args.kd_temperature}" if soft else ""))
 
-    def save_resumable(path):
-        return qwen3.save_checkpoint(path, model, tok, optimizer=optimizer.state_dict(), position=dict(pos),
-                                     rng=torch.get_rng_state(), args=vars(args))
+    # the run's files: created only now, so that a run that fails to start leaves nothing to trip over
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        if resume_state:  # drop the rows logged after the checkpoint: they are about to be logged again
+            rows = (out / "metrics.csv").read_text().splitlines(keepends=True)[:pos.csv_rows + 1]
+            (out / "metrics.csv").write_text("".join(rows))
+            say(f"resumed from {args.resume} at epoch {pos.epoch}, step {pos.total_steps}")
+        else:
+            (out / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\n")
 
-    def log(epoch, train_loss, val_loss, tokens_per_sec):
-        with open(out / "metrics.csv", "a", newline="") as f:
-            csv.writer(f).writerow([epoch, pos["total_steps"], f"{train_loss:.6f}", f"{val_loss:.6f}", args.lr,
-                                    f"{tokens_per_sec:.0f}", f"{pos['elapsed_s']:.1f}"])
-        pos["csv_rows"] += 1
+    def save(path, resumable=False, **extra):  # all processes join (FSDP gathers shards); the master writes
+        weights, optimizer_state = gather_state(trained, optimizer if resumable else None, args)
+        if resumable:
+            extra.update(optimizer=optimizer_state, position=asdict(pos), rng=torch.get_rng_state())
+        if master:
+            qwen3.save_checkpoint(path, model, tok, weights=weights, args=vars(args), **extra)
+        return path
+
+    def log(epoch, steps, ce, kd, val_loss, tokens_per_sec):
+        loss = (1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce
+        lr = learning_rate(pos.total_steps - 1, total_steps, args)
+        row = [epoch, pos.total_steps, f"{loss / steps:.6f}", f"{val_loss:.6f}", f"{lr:.6g}",
+               f"{tokens_per_sec:.0f}", f"{pos.elapsed_s:.1f}", f"{ce / steps:.6f}",
+               f"{kd / steps:.6f}" if soft else ""]
+        if master:
+            append_csv(out / "metrics.csv", row)
+        pos.csv_rows += 1
+        return loss / steps
 
     with deferred_signals() as interrupted:
-        model.train()
-        bar = qwen3.Progress(total_steps, "train", unit="steps")
-        bar.update(pos["total_steps"])
-        t0 = time.time() - pos["elapsed_s"]
-        interval_start = time.time()
-        while pos["epoch"] <= args.epochs:
-            epoch = pos["epoch"]
-            steps = optimizer_steps(train, args, epoch)
-            for step in steps[pos["step_in_epoch"]:]:
-                loss, tokens = optimizer_step(model, optimizer, step, args, device, pos)
-                pos["step_in_epoch"] += 1
-                pos["total_steps"] += 1
-                pos["elapsed_s"] = time.time() - t0
-                for key, value in (("interval_loss", loss), ("interval_steps", 1), ("interval_tokens", tokens), ("epoch_loss", loss)):
-                    pos[key] += value
+        trained.train()
+        bar = qwen3.Progress(total_steps, "train", unit="steps", quiet=not master)
+        bar.update(pos.total_steps)
+        start = time.time() - pos.elapsed_s  # elapsed_s goes on from where a resumed run stopped
+        while pos.epoch <= args.epochs:
+            epoch, steps = pos.epoch, optimizer_steps(train, args, pos.epoch, world_size)
+            for micro_batches in steps[pos.step_in_epoch:]:
+                # 1. the learning rate of this step
+                lr = learning_rate(pos.total_steps, total_steps, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # 2. loss and gradients over the step's micro-batches (gradient accumulation, all processes)
+                ce, kd, tokens = forward_backward(trained, micro_batches, args, device, rank, world_size,
+                                                  autocast, soft)
+                # 3. every process learns the step's totals, and whether any of them was asked to stop
+                ce, kd, tokens, stop = qwen3.all_sum([ce, kd, tokens, len(interrupted)], device)
+                if not math.isfinite(ce + kd):
+                    raise SystemExit(
+                        f"error: non-finite loss at step {pos.total_steps + 1} (epoch {epoch}), data rows "
+                        f"{[e['row'] for b in micro_batches for e in b]}; stopped without saving. "
+                        + (f"Last good checkpoint: {pos.last_checkpoint}" if pos.last_checkpoint
+                           else "No checkpoint was written: fix the cause and start again."))
+                # 4. clip the gradient norm
+                if args.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip_norm)
+                # 5. update the weights, then clear the gradients
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                # the running sums of the log live in pos, so that a resumed run continues them
+                pos.step_in_epoch, pos.total_steps = pos.step_in_epoch + 1, pos.total_steps + 1
+                pos.interval_ce, pos.interval_kd = pos.interval_ce + ce, pos.interval_kd + kd
+                pos.epoch_ce, pos.epoch_kd = pos.epoch_ce + ce, pos.epoch_kd + kd
+                pos.interval_steps, pos.interval_tokens = pos.interval_steps + 1, pos.interval_tokens + tokens
+                pos.elapsed_s = time.time() - start
                 bar.update()
-                if pos["total_steps"] % args.log_every == 0:
-                    val_loss = validation_loss(model, val, args, device)
-                    tokens_per_sec = pos["interval_tokens"] / (time.time() - interval_start)
-                    eta = (total_steps - pos["total_steps"]) * pos["elapsed_s"] / pos["total_steps"]
-                    bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos['total_steps']}/{total_steps}] "
-                              f"train_loss {pos['interval_loss'] / pos['interval_steps']:.4f} val_loss {val_loss:.4f} "
-                              f"| {tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}")
-                    log(epoch, pos["interval_loss"] / pos["interval_steps"], val_loss, tokens_per_sec)
-                    pos.update(interval_loss=0.0, interval_steps=0, interval_tokens=0)
-                    interval_start = time.time()
-                if interrupted:
-                    path = save_resumable(out / "last.pth")
-                    bar.write(f"interrupted: saved {path}; continue with: python train.py --resume {out}")
+                # 6. every log_every steps: the validation loss and a CSV row
+                if pos.total_steps % args.log_every == 0:
+                    val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
+                    tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
+                    train_loss = log(epoch, pos.interval_steps, pos.interval_ce, pos.interval_kd, val_loss,
+                                     tokens_per_sec)
+                    eta = (total_steps - pos.total_steps) * pos.elapsed_s / pos.total_steps
+                    bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos.total_steps}/{total_steps}] "
+                              f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} | lr {lr:.3g} | "
+                              f"{tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}")
+                    pos.interval_ce = pos.interval_kd = pos.interval_tokens = pos.interval_steps = 0
+                    pos.interval_start_s = time.time() - start
+                # 7. Ctrl-C or SIGTERM, to any process: a resumable checkpoint, then stop
+                if stop:
+                    save(out / "last.pth", resumable=True)
+                    bar.write(f"interrupted: saved {out / 'last.pth'}; continue with: "
+                              f"python train.py --resume {out}")
                     raise SystemExit(130)
-            val_loss = validation_loss(model, val, args, device)
-            epoch_train_loss = pos["epoch_loss"] / max(len(steps), 1)
-            bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {epoch_train_loss:.4f} val_loss {val_loss:.4f}")
-            log(epoch, epoch_train_loss, val_loss, pos["interval_tokens"] / max(time.time() - interval_start, 1e-9))
-            path = qwen3.save_checkpoint(out / checkpoint_name(args.model, pos["total_steps"], epoch), model, tok,
-                                         epoch=epoch, step=pos["total_steps"], val_loss=val_loss, args=vars(args))
-            pos.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss=0.0, last_checkpoint=str(path))
-            save_resumable(out / "last.pth")
+            # 8. the end of an epoch: validation loss, CSV row, the epoch's checkpoint and a resumable one
+            val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
+            tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
+            train_loss = log(epoch, max(len(steps), 1), pos.epoch_ce, pos.epoch_kd, val_loss, tokens_per_sec)
+            bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {train_loss:.4f} "
+                      f"val_loss {val_loss:.4f}")
+            path = save(out / checkpoint_name(args.model, pos.total_steps, epoch), epoch=epoch,
+                        step=pos.total_steps, val_loss=val_loss)
+            pos.epoch, pos.step_in_epoch, pos.epoch_ce, pos.epoch_kd = epoch + 1, 0, 0.0, 0.0
+            pos.last_checkpoint = str(path)
+            save(out / "last.pth", resumable=True)
             bar.write(f"saved {path}")
         bar.close()
-    print(f"done in {qwen3.format_seconds(time.time() - t0)}, peak memory {qwen3.peak_memory_gib(device):.2f} GiB; "
-          f"wrote {out / 'metrics.csv'}, checkpoints in {out} (last: {pos['last_checkpoint']})")
+    say(f"done in {qwen3.format_seconds(time.time() - start)}, peak memory "
+        f"{qwen3.peak_memory_gib(device):.2f} GiB per process; wrote {out / 'metrics.csv'}, checkpoints in "
+        f"{out} (last: {pos.last_checkpoint})")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, qwen3.DownloadError) as err:
-        sys.exit(f"error: {err}")
+    qwen3.run(main)

@@ -8,8 +8,25 @@ def last_json(capsys):
 
 
 def test_train_benchmark_reports_every_figure(capsys):
-    bench.main(["train", "--model", "tiny", "--batch_size", "4", "--seq_len", "64", "--steps", "2", "--warmup", "1",
-                "--compare", "--peak_tflops", "1.0", "--json"])
+    bench.main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--batch_size",
+            "4",
+            "--seq_len",
+            "64",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--compare",
+            "--peak_tflops",
+            "1.0",
+            "--json",
+        ]
+    )
     result = last_json(capsys)
     for key in ("tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "baseline_tokens_per_sec", "speedup"):
         assert result[key] > 0, key
@@ -17,8 +34,21 @@ def test_train_benchmark_reports_every_figure(capsys):
 
 
 def test_generate_benchmark_matches_sequential(capsys):
-    bench.main(["generate", "--model", "tiny", "--batch_size", "3", "--seq_len", "16", "--max_new_tokens", "5",
-                "--compare", "--json"])
+    bench.main(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--batch_size",
+            "3",
+            "--seq_len",
+            "16",
+            "--max_new_tokens",
+            "5",
+            "--compare",
+            "--json",
+        ]
+    )
     result = last_json(capsys)
     assert result["identical_to_sequential"] is True and result["speedup"] > 0
 
@@ -26,4 +56,47 @@ def test_generate_benchmark_matches_sequential(capsys):
 def test_data_benchmark_tokenizes_and_caches(capsys):
     bench.main(["data", "--tokenizer", "tiny", "--rows", "50", "--repeat_thinking", "1", "--json"])
     result = last_json(capsys)
-    assert result["rows"] == 50 and result["tokens"] > 50 * 100 and result["cold_s"] > 0 and result["cached_s"] > 0
+    assert (
+        result["rows"] == 50
+        and result["tokens"] > 50 * 100
+        and result["cold_s"] > 0
+        and result["cached_s"] > 0
+    )
+
+
+def test_train_benchmark_with_a_teacher_reports_the_extra_cost(capsys):
+    bench.main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--teacher",
+            "tiny",
+            "--json",
+        ]
+    )
+    result = last_json(capsys)
+    assert result["kd_tokens_per_sec"] > 0 and result["kd_time_ratio"] > 0 and "kd_extra_memory_gib" in result
+
+
+def test_converge_trains_until_the_target_loss(tmp_path, capsys):
+    rows, _ = __import__("data").synth_dataset(120, 0, seed=2)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    train_flags = ["--model", "tiny", "--which_model", "base", "--data_path", str(tmp_path / "t.json"),
+                   "--validation_size", "10", "--lr", "5e-3", "--batch_size", "4", "--epochs", "3",
+                   "--cache_dir", str(tmp_path)]
+    bench.main(["converge", "--target_loss", "1.5", "--eval_every", "40", "--json", "--", *train_flags])
+    result = last_json(capsys)
+    assert result["reached"] and result["val_loss"] <= 1.5 < result["curve"][0][2]
+    assert result["seconds"] > 0 and len(result["curve"]) > 1 and result["examples"] < 3 * 110
+    bench.main(["converge", "--target_loss", "0.0001", "--eval_every", "200", "--json", "--", *train_flags,
+                "--epochs", "1"])
+    assert not last_json(capsys)["reached"]

@@ -15,20 +15,50 @@ def test_batched_generation_equals_single_on_gpu_float32():
     assert qwen3.generate(model, prompts, 30) == [qwen3.generate(model, [p], 30)[0] for p in prompts]
 
 
-def test_chunked_loss_matches_plain_loss_in_bfloat16():
-    model = qwen3.load_model("tiny", "cuda", torch.bfloat16, seed=2)
-    ids = torch.randint(0, 256, (2, 64), device="cuda")
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, 20:] = True
-    chunked = qwen3.answer_loss(model, ids, ids, mask, chunk_size=16)
-    plain = torch.nn.functional.cross_entropy(model(ids)[mask].float(), ids[mask])
+@pytest.mark.parametrize("mode", ["bfloat16", "pure-bfloat16"])
+def test_chunked_loss_matches_plain_loss_and_updates_are_kept(mode):
+    _, weights_dtype, autocast_dtype = train.pick_precision(mode, "cuda")
+    model = qwen3.load_model("tiny", "cuda", weights_dtype, seed=2)
+    batch = [{"token_ids": torch.randint(0, 256, (64,)), "prompt_len": 20, "row": 0} for _ in range(2)]
+    weights = train.token_weights(batch, batch, False)
+    with torch.autocast("cuda", autocast_dtype, enabled=autocast_dtype is not None):
+        chunked = train.answer_loss(model, batch, weights, "cuda", chunk_size=16)[0]
+        plain = train.plain_answer_loss(model, batch, weights, "cuda")
     torch.testing.assert_close(chunked, plain, atol=2e-2, rtol=2e-2)
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    before = [p.detach().clone() for p in norms]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    chunked.backward()
+    optimizer.step()
+    moved = all((p != b).all() for p, b in zip(norms, before))
+    assert moved == (mode == "bfloat16")  # norm weights at 1.0: only float32 master weights take a 1e-5 step
 
 
 def test_training_run_on_gpu(tmp_path):
     rows, _ = data.synth_dataset(40, 0, seed=1)
     (tmp_path / "t.json").write_text(__import__("json").dumps(rows))
-    train.main(["--model", "tiny", "--which_model", "base", "--data_path", str(tmp_path / "t.json"), "--out_dir",
-                str(tmp_path / "run"), "--validation_size", "4", "--epochs", "1", "--batch_size", "4", "--lr", "3e-3",
-                "--device", "cuda", "--cache_dir", str(tmp_path / "cache")])
+    train.main(
+        [
+            "--model",
+            "tiny",
+            "--which_model",
+            "base",
+            "--data_path",
+            str(tmp_path / "t.json"),
+            "--out_dir",
+            str(tmp_path / "run"),
+            "--validation_size",
+            "4",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--device",
+            "cuda",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )  # --dtype auto: bfloat16 mixed
     assert list((tmp_path / "run").glob("*epoch1.pth"))

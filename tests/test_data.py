@@ -3,6 +3,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 import data
 import qwen3
@@ -19,8 +20,10 @@ ROW = {"problem": "What is 1+1?", "gtruth_answer": "2", "message_thinking": " 1 
 
 def test_prompt_is_the_exact_reference_template():
     assert data.render_prompt("Compute $x$.") == (
-        "You are a helpful math assistant.\nAnswer the question and write the final result on a new line as:\n"
-        "\\boxed{ANSWER}\n\nQuestion:\nCompute $x$.\n\nAnswer:")
+        "You are a helpful math assistant.\n"
+        "Answer the question and write the final result on a new line as:\n"
+        "\\boxed{ANSWER}\n\nQuestion:\nCompute $x$.\n\nAnswer:"
+    )
 
 
 def test_targets_with_and_without_think_tokens():
@@ -59,7 +62,10 @@ def test_sequence_layout(tok):
     assert example["prompt_len"] == len(prompt_ids)
     input_ids, targets, mask = data.collate([example])
     n = len(example["token_ids"]) - 1
-    assert input_ids[0].tolist() == example["token_ids"][:-1].tolist() and targets[0].tolist() == example["token_ids"][1:].tolist()
+    assert (
+        input_ids[0].tolist() == example["token_ids"][:-1].tolist()
+        and targets[0].tolist() == example["token_ids"][1:].tolist()
+    )
     assert mask[0].nonzero().squeeze(1).tolist() == list(range(len(prompt_ids) - 1, n))
     assert targets[0][mask[0]].tolist() == target_ids + [tok.eos_token_id]  # exactly the answer tokens
 
@@ -75,7 +81,11 @@ def test_collate_right_pads_and_masks_per_row(tok):
 def test_json_and_jsonl_and_errors(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([ROW, ROW]))
     (tmp_path / "a.jsonl").write_text(json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n")
-    assert data.load_distill_data(tmp_path / "a.json") == data.load_distill_data(tmp_path / "a.jsonl") == [ROW, ROW]
+    assert (
+        data.load_distill_data(tmp_path / "a.json")
+        == data.load_distill_data(tmp_path / "a.jsonl")
+        == [ROW, ROW]
+    )
     (tmp_path / "bad.json").write_text('[{"problem": 1},\n {"problem": }]')
     with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 2 column"):
         data.load_distill_data(tmp_path / "bad.json")
@@ -93,7 +103,9 @@ def test_json_and_jsonl_and_errors(tmp_path):
 
 
 def test_filter_and_split_are_deterministic_with_clear_errors():
-    examples = [{"token_ids": [0] * n, "prompt_len": 1, "row": i} for i, n in enumerate([5, 50, 10, 3, 80, 7])]
+    examples = [
+        {"token_ids": [0] * n, "prompt_len": 1, "row": i} for i, n in enumerate([5, 50, 10, 3, 80, 7])
+    ]
     kept, counts = data.filter_by_length(examples, 10)
     assert [e["row"] for e in kept] == [0, 2, 3, 5] and counts == {"original": 6, "kept": 4, "removed": 2}
     train, val = data.split_examples(kept, 1, seed=1)
@@ -104,7 +116,9 @@ def test_filter_and_split_are_deterministic_with_clear_errors():
         data.split_examples(kept, 4, seed=1)
     stats = data.length_stats(examples)
     assert stats["total"]["longest"] == 80 and stats["total"]["longest_index"] == 4
-    assert stats["total"]["shortest"] == 3 and stats["answer"]["average"] == pytest.approx(sum([4, 49, 9, 2, 79, 6]) / 6)
+    assert stats["total"]["shortest"] == 3 and stats["answer"]["average"] == pytest.approx(
+        sum([4, 49, 9, 2, 79, 6]) / 6
+    )
 
 
 def test_length_aware_batches_cover_every_example_once():
@@ -128,11 +142,15 @@ def test_token_cache_hit_miss_and_corruption(tmp_path, tok, monkeypatch):
     calls = []
     original = data.build_examples
     monkeypatch.setattr(data, "build_examples", lambda *a: calls.append(1) or original(*a))
-    assert plain(data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")) == plain(fresh)  # hit: not rebuilt
+    assert plain(data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")) == plain(
+        fresh
+    )  # hit: not rebuilt
     assert calls == []
     assert fresh[1] == Counter({"missing message_content": 1}) and fresh[2] == 3
     data.prepare_examples(path, tok, False, cache_dir=tmp_path / "c")  # other flag: miss
-    data.prepare_examples(path, qwen3.load_tokenizer("tiny", "base"), True, cache_dir=tmp_path / "c")  # other variant
+    data.prepare_examples(
+        path, qwen3.load_tokenizer("tiny", "base"), True, cache_dir=tmp_path / "c"
+    )  # other variant
     assert len(calls) == 2
     path.write_text(json.dumps([ROW]))  # changed content: miss
     assert len(data.prepare_examples(path, tok, True, cache_dir=tmp_path / "c")[0]) == 1
@@ -150,9 +168,14 @@ def test_partition_download_falls_back_to_backup_and_is_cached(tmp_path, file_se
     monkeypatch.setattr(data, "DATA_URLS", [file_server.url + "/primary/{partition}.json",
                                             file_server.url + "/backup/{partition}.json"])
     assert data.load_distill_data("deepseek-r1-math500", cache_dir=tmp_path) == rows
-    assert [p for p, _ in file_server.requests] == ["/primary/deepseek-r1-math500.json", "/backup/deepseek-r1-math500.json"]
+    assert [p for p, _ in file_server.requests] == [
+        "/primary/deepseek-r1-math500.json",
+        "/backup/deepseek-r1-math500.json",
+    ]
     file_server.close()
-    assert data.load_distill_data("deepseek-r1-math500", cache_dir=tmp_path) == rows  # offline: from the cache
+    assert (
+        data.load_distill_data("deepseek-r1-math500", cache_dir=tmp_path) == rows
+    )  # offline: from the cache
     with pytest.raises(qwen3.DownloadError, match="copy the file"):
         data.load_distill_data("qwen3-235b-a22b-math500", cache_dir=tmp_path)
 
@@ -167,7 +190,9 @@ def test_synthetic_dataset_schema_traces_and_disjoint_split():
         assert row["message_content"].endswith(f"\\boxed{{{sum(terms)}}}")
         lines = [[int(x) for x in re.findall(r"\d+", line)] for line in row["message_thinking"].splitlines()]
         assert lines[0] == terms and len(lines) == len(terms) and lines[-1] == [sum(terms)]
-        for before, after in zip(lines, lines[1:]):  # each line adds the first two numbers of the previous one
+        for before, after in zip(
+            lines, lines[1:]
+        ):  # each line adds the first two numbers of the previous one
             assert after == [before[0] + before[1]] + before[2:]
     assert set(test[0]) == {"problem", "answer", "subject", "level", "unique_id"}
     assert data.synth_dataset(300, 50, seed=7) == (train, test)
@@ -191,3 +216,56 @@ def test_synth_command_writes_both_files(tmp_path, capsys):
     data.main(["synth", "--out", str(tmp_path / "demo"), "--n_train", "20", "--n_test", "5"])
     assert len(json.loads((tmp_path / "demo" / "train.json").read_text())) == 20
     assert len(data.load_math500(tmp_path / "demo" / "test.json")) == 5
+
+
+def test_teacher_logits_resume_from_finished_parts_and_refuse_other_data(tmp_path, monkeypatch):
+    rows, _ = data.synth_dataset(40, 0, seed=5)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    teacher = qwen3.save_checkpoint(tmp_path / "teacher.pth", qwen3.load_model("tiny", seed=3),
+                                    qwen3.load_tokenizer("tiny", "base"))
+    argv = lambda out: [
+        "teacher-logits",
+        "--teacher",
+        str(teacher),
+        "--top_k",
+        "8",
+        "--data_path",
+        str(tmp_path / "t.json"),
+        "--which_model",
+        "base",
+        "--batch_size",
+        "3",
+        "--out",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
+    monkeypatch.setattr(data, "PART_EXAMPLES", 16)  # three parts: 16 + 16 + 8 examples
+    data.main(argv(tmp_path / "full.pt"))
+    calls, real = [], data.teacher_top_k
+
+    def failing(model, batch, *args, **kwargs):
+        calls.append(len(batch))
+        if len(calls) == 8:  # in the second part
+            raise KeyboardInterrupt
+        return real(model, batch, *args, **kwargs)
+    monkeypatch.setattr(data, "teacher_top_k", failing)
+    with pytest.raises(KeyboardInterrupt):
+        data.main(argv(tmp_path / "cut.pt"))
+    assert [p.name for p in sorted((tmp_path / "cut.pt.parts").iterdir())] == ["00000.pt"]
+    calls.clear()
+    monkeypatch.setattr(data, "teacher_top_k", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    data.main(argv(tmp_path / "cut.pt"))
+    assert sum(calls) == 24 and not (tmp_path / "cut.pt.parts").exists()  # the first part was not redone
+    full, cut = (torch.load(tmp_path / f, weights_only=True) for f in ("full.pt", "cut.pt"))
+    assert full.keys() == cut.keys() and all(
+        torch.equal(full[k], cut[k]) for k in ("rows", "ids", "logprobs")
+    )
+    tok = qwen3.load_tokenizer("tiny", "base")
+    logits = data.read_teacher_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, False)
+    ids, logprobs, rest = logits.example(rows.index(rows[0]))
+    assert ids.shape[1] == 8 and (logprobs[:, :-1] >= logprobs[:, 1:]).all() and (rest.exp() < 1).all()
+    with pytest.raises(ValueError, match="computed for other data, tokenizer or formatting"):
+        data.read_teacher_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, True)  # --use_think_tokens
+    with pytest.raises(ValueError, match="not a teacher-logits file"):
+        data.read_teacher_logits(teacher, tmp_path / "t.json", tok, False)

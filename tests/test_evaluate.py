@@ -15,41 +15,214 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (model answer, reference, equal?) grouped by the rule they exercise
 RULES = {
-    "fractions": [(r"\frac{3}{4}", "3/4", True), (r"\dfrac{3}{4}", r"\tfrac34", True), ("(3)/(4)", "0.75", True),
-                  (r"\frac{6}{8}", r"\frac34", True), (r"\frac{3}{5}", r"\frac34", False), (r"\frac 34", "0.75", True)],
-    "decimals": [("0.5", r"\frac12", True), ("0.50", ".5", True), ("0.3333333333", r"\frac13", False),
-                 ("0.15", r"\frac{3}{20}", True), ("3.21", "3.2", False)],
-    "radicals": [(r"\frac{\sqrt{8}}{2}", r"\sqrt2", True), (r"6\sqrt{2}", r"\sqrt{72}", True), (r"\sqrt[3]{8}", "2", True),
-                 (r"2\sqrt{3}", r"3\sqrt{2}", False), ("1.41421356237", r"\sqrt{2}", False)],
-    "pi": [(r"288 \pi", r"288\pi", True), (r"\frac{\pi}{2}", r"\pi/2", True), ("3.14159", r"\pi", False),
-           (r"2\pi", r"\pi", False)],
-    "powers": [("2^{10}", "1024", True), ("x^{2}", "x^2", True), (r"3^{-1}", r"\frac13", True), ("2^3", "9", False)],
-    "algebra": [("(a+5)(b+2)", "ab+2a+5b+10", True), ("15x - 80", "-80+15x", True), (r"\frac{11+9a}{20}", r"\frac{9a+11}{20}", True),
-                ("x^2+1", "x^2-1", False), (r"\sin^2 x + \cos^2 x", "1", True), (r"\log_2 8", "3", True)],
+    "fractions": [
+        (r"\frac{3}{4}", "3/4", True),
+        (r"\dfrac{3}{4}", r"\tfrac34", True),
+        ("(3)/(4)", "0.75", True),
+        (r"\frac{6}{8}", r"\frac34", True),
+        (r"\frac{3}{5}", r"\frac34", False),
+        (r"\frac 34", "0.75", True),
+    ],
+    "decimals": [
+        ("0.5", r"\frac12", True),
+        ("0.50", ".5", True),
+        ("0.3333333333", r"\frac13", False),
+        ("0.15", r"\frac{3}{20}", True),
+        ("3.21", "3.2", False),
+    ],
+    "radicals": [
+        (r"\frac{\sqrt{8}}{2}", r"\sqrt2", True),
+        (r"6\sqrt{2}", r"\sqrt{72}", True),
+        (r"\sqrt[3]{8}", "2", True),
+        (r"2\sqrt{3}", r"3\sqrt{2}", False),
+        ("1.41421356237", r"\sqrt{2}", False),
+    ],
+    "pi": [
+        (r"288 \pi", r"288\pi", True),
+        (r"\frac{\pi}{2}", r"\pi/2", True),
+        ("3.14159", r"\pi", False),
+        (r"2\pi", r"\pi", False),
+    ],
+    "powers": [
+        ("2^{10}", "1024", True),
+        ("x^{2}", "x^2", True),
+        (r"3^{-1}", r"\frac13", True),
+        ("2^3", "9", False),
+    ],
+    "algebra": [
+        ("(a+5)(b+2)", "ab+2a+5b+10", True),
+        ("15x - 80", "-80+15x", True),
+        (r"\frac{11+9a}{20}", r"\frac{9a+11}{20}", True),
+        ("x^2+1", "x^2-1", False),
+        (r"\sin^2 x + \cos^2 x", "1", True),
+        (r"\log_2 8", "3", True),
+    ],
     "complex": [("6-5i", "6 - 5i", True), ("5i+6", "6 - 5i", False), ("1+274i", "274i+1", True)],
-    "tuples in order": [(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", True), ("(2, 1)", "(1, 2)", False),
-                        ("(1, 2, 3)", "(1, 2)", False), ("(6,31,-1)", "(6, 31, -1)", True), ("(1, 100)", "(1,100)", True)],
-    "intervals": [(r"(5,\infty)", r"(5, \infty)", True), (r"x \in [2, 5)", "[2,5)", True), (r"[5,\infty)", r"(5, \infty)", False),
-                  (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,\infty)", True),
-                  (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2]\cup(3,\infty)", False)],
-    "sets and lists": [("-2,1", "1, -2", True), (r"\{1, 2\}", r"\{2,1\}", True), ("3, 5, 7", "3,5", False), ("(7, 5, 3)", "3, 5, 7", True),
-                       (r"\{3, 5\}", "5, 3", True), ("(3, 5)", r"\{3, 5\}", False),
-                       (r"1 \pm \sqrt{19}", r"1-\sqrt{19}, 1+\sqrt{19}", True), (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False)],
-    "equations": [("x = 3", "3", True), ("x=1, x=-2", "-2, 1", True), ("x=1, x=-2", "-2, 3", False), ("3", "x=3", True), ("y = -2x", "y=-2x", True), ("2y=-4x", "y = -2x", True),
-                  ("-2x", "y = -2x", True), ("y = 2x", "y = -2x", False), ("x = 4", "3", False)],
-    "matrices": [(r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", r"\begin{pmatrix}-\frac13\\ \frac23 \\ \frac53\end{pmatrix}", True),
-                 (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\left(\frac15, -\frac{18}{5}\right)", True),
-                 (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{bmatrix} 1 & 2 \\ 3 & 5 \end{bmatrix}", False)],
-    "latex noise": [(r"\left(\frac{3}{4}\right)", "3/4", True), (r"\left(52_8\right)", "52_8", True),
-                    ("(x = 5)", "5", True), (r"(\text{odd})", "even", False), (r"10,\!080", "10080", True), ("1,234/2", "617", True),
-                    (r"\$18.90", "18.9", True), (r"50\%", "50", True), ("50%", r"\frac12", False), (r"\!\,3\;", "3", True),
-                    (r"\displaystyle\frac12", "0.5", True), (r"\( \frac{1}{2} + \frac{1}{6} \)", "2/3", True)],
-    "degrees and units": [(r"90^\circ", "90", True), (r"30^{\circ}", "30", True), ("30°", "30", True),
-                          (r"10\text{ cm}^2", "10", True), ("12 inches", "12", True), (r"10 \text{ cm}", "11", False)],
-    "text": [(r"\text{even}", "even", True), (r"\text{Even}", r"\text{odd}", False), (r"\text{(E)}", "E", True),
-             ("(C)", r"\text{(C)}", True), ("B", "(C)", False), ("52_8", "52_8", True), ("52_8", "42", False),
-             ("1011_{2}", "1011_2", True)],
-    "mixed numbers": [(r"1\frac{4}{5}", r"\frac95", True), (r"2\frac{1}{2}", "2.5", True), (r"1\frac{4}{5}", r"\frac45", False)],
+    "tuples in order": [
+        (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", True),
+        ("(2, 1)", "(1, 2)", False),
+        ("(1, 2, 3)", "(1, 2)", False),
+        ("(6,31,-1)", "(6, 31, -1)", True),
+        ("(1, 100)", "(1,100)", True),
+    ],
+    "intervals": [
+        (r"(5,\infty)", r"(5, \infty)", True),
+        (r"x \in [2, 5)", "[2,5)", True),
+        (r"[5,\infty)", r"(5, \infty)", False),
+        (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2)\cup(3,\infty)", True),
+        (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty,2]\cup(3,\infty)", False),
+    ],
+    "sets and lists": [
+        ("-2,1", "1, -2", True),
+        (r"\{1, 2\}", r"\{2,1\}", True),
+        ("3, 5, 7", "3,5", False),
+        ("(7, 5, 3)", "3, 5, 7", True),
+        (r"\{3, 5\}", "5, 3", True),
+        ("(3, 5)", r"\{3, 5\}", False),
+        (r"1 \pm \sqrt{19}", r"1-\sqrt{19}, 1+\sqrt{19}", True),
+        (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False),
+    ],
+    "equations": [
+        ("x = 3", "3", True),
+        ("x=1, x=-2", "-2, 1", True),
+        ("x=1, x=-2", "-2, 3", False),
+        ("3", "x=3", True),
+        ("y = -2x", "y=-2x", True),
+        ("2y=-4x", "y = -2x", True),
+        ("-2x", "y = -2x", True),
+        ("y = 2x", "y = -2x", False),
+        ("x = 4", "3", False),
+    ],
+    "matrices": [
+        (
+            r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}",
+            r"\begin{pmatrix}-\frac13\\ \frac23 \\ \frac53\end{pmatrix}",
+            True,
+        ),
+        (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\left(\frac15, -\frac{18}{5}\right)", True),
+        (
+            r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+            r"\begin{bmatrix} 1 & 2 \\ 3 & 5 \end{bmatrix}",
+            False,
+        ),
+    ],
+    "latex noise": [
+        (r"\left(\frac{3}{4}\right)", "3/4", True),
+        (r"\left(52_8\right)", "52_8", True),
+        ("(x = 5)", "5", True),
+        (r"(\text{odd})", "even", False),
+        (r"10,\!080", "10080", True),
+        ("1,234/2", "617", True),
+        (r"\$18.90", "18.9", True),
+        (r"50\%", "50", True),
+        ("50%", r"\frac12", False),
+        (r"\!\,3\;", "3", True),
+        (r"\displaystyle\frac12", "0.5", True),
+        (r"\( \frac{1}{2} + \frac{1}{6} \)", "2/3", True),
+    ],
+    "degrees and units": [
+        (r"90^\circ", "90", True),
+        (r"30^{\circ}", "30", True),
+        ("30°", "30", True),
+        (r"10\text{ cm}^2", "10", True),
+        ("12 inches", "12", True),
+        (r"10 \text{ cm}", "11", False),
+    ],
+    "text": [
+        (r"\text{even}", "even", True),
+        (r"\text{Even}", r"\text{odd}", False),
+        (r"\text{(E)}", "E", True),
+        ("(C)", r"\text{(C)}", True),
+        ("B", "(C)", False),
+        ("52_8", "52_8", True),
+        ("52_8", "42", False),
+        ("1011_{2}", "1011_2", True),
+    ],
+    "mixed numbers": [
+        (r"1\frac{4}{5}", r"\frac95", True),
+        (r"2\frac{1}{2}", "2.5", True),
+        (r"1\frac{4}{5}", r"\frac45", False),
+    ],
+    # the kinds below come with the near misses that must stay wrong
+    "plain-text math": [
+        ("sqrt(7)", r"\sqrt{7}", True),
+        ("2*sqrt(11)", r"2\sqrt{11}", True),
+        ("pi", r"\pi", True),
+        ("5pi", r"5\pi", True),
+        ("300/pi", r"\frac{300}{\pi}", True),
+        ("(2, pi/3)", r"\left(2, \frac{\pi}{3}\right)", True),
+        ("[pi/4, 3pi/2]", r"\left[\frac{\pi}{4}, \frac{3\pi}{2}\right]", True),
+        ("-pi/3", r"-\frac{\pi}{3}", True),
+        ("sqrt(8)", r"\sqrt{7}", False),
+        ("pi/3", r"\frac{\pi}{4}", False),
+        ("spin", r"s\pi n", False),
+    ],
+    "bases, ordinals, worded units": [
+        ("31", "31_6", True),
+        ("1032", "1032_{4}", True),
+        ("31_6", "31_7", False),
+        ("32", "31_6", False),
+        (r"9^{\text{th}} \text{ grade}", "9", True),
+        (r"50 \mbox{ feet}^2", "50", True),
+        ("2nd", "2", True),
+        ("9th", "8", False),
+    ],
+    "inequalities": [
+        (r"x \geq 5", "x >= 5", True),
+        (r"5 \leq x", r"x \geq 5", True),
+        (r"x \gt 5", "x > 5", True),
+        (r"x \lt 3", "x < 3", True),
+        (r"x \neq 3", "x != 3", True),
+        ("-y > -2", "y < 2", True),
+        ("(-3, 10)", "-3 < a < 10", True),
+        (r"(0,20) \setminus \{4\}", r"(0,4) \cup (4,20)", True),
+        (r"x \in [5, \infty)", r"x \geq 5", True),
+        ("x > 5", r"x \geq 5", False),
+        ("(-3, 10]", "-3 < a < 10", False),
+        (r"(0,20) \setminus \{5\}", r"(0,4) \cup (4,20)", False),
+        ("y > 2", "y < 2", False),
+    ],
+    "labels": [
+        ("(4,1)", "(m,n)=(4,1)", True),
+        ("7", "g(2)=7", True),
+        ("6, 9", "BC=6, DE=9", True),
+        ("(m,n)=(4,1)", "(4,1)", True),
+        ("3:11", r"\frac{3}{11}", True),
+        ("(1,4)", "(m,n)=(4,1)", False),
+        ("11:3", "3:11", False),
+        ("8", "g(2)=7", False),
+        (r"15\frac{39}{40}, \frac{639}{40}", r"\frac{639}{40}", True),  # one answer, boxed twice
+        ("2, 3", "2", False),
+        ("y=2x", "y=-2x", False),
+    ],
+    "joined by words": [
+        (r"3 \text{ and } 5", "3, 5", True),
+        (r"4, 9 \text{ or } 12", "4, 9, 12", True),
+        ("(2,5) or (5,2)", "(5,2), (2,5)", True),
+        (r"3 \text{ and } 6", "3, 5", False),
+    ],
+    "percent words": [
+        ("35 percent", r"35\%", True),
+        ("35 pct", r"35\%", True),
+        # MATH asks for percents as percents: 0.35 is a different number from 35%
+        ("0.35", r"35\%", False),
+        ("36 percent", r"35\%", False),
+    ],
+    "separators, fractions, matrices": [
+        (r"3,\! 456,\! 789", "3456789", True),
+        (r"\cfrac{1}{3}", r"\frac13", True),
+        (
+            r"\left[\begin{array}{cc}1 & 2 \\ 3 & 4\end{array}\right]",
+            r"\begin{pmatrix}1&2\\3&4\end{pmatrix}",
+            True,
+        ),
+        (
+            r"\left[\begin{array}{cc}1 & 2 \\ 3 & 5\end{array}\right]",
+            r"\begin{pmatrix}1&2\\3&4\end{pmatrix}",
+            False,
+        ),
+        (r"3,\! 456", "3457", False),
+    ],
 }
 
 
@@ -61,11 +234,22 @@ def test_checker_rule(rule):
 
 @pytest.mark.parametrize("text,answer", [
     (r"so the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    (r"The final answer is $\frac{2}{7}$.", r"\frac{2}{7}"),
+    (r"Final Answer: The final answer is $12{,}345$. I hope it is correct.", "12{,}345"),
+    (r"Final Answer: the largest $n$ is 34.", "34"),
+    (r"Therefore $x \geq 5$ is the solution.", r"x \geq 5"),
+    (r"So the probability is $\frac{5}{9}.$", r"\frac{5}{9}."),
+    (r"\boxed{2} and \boxed{3}", "2, 3"),
+    (r"\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}", "(2, 2), (6, 2)"),
+    (r"maybe \boxed{3}. No wait, it is \boxed{4}", "4"),
+    (r"we get \boxed{255} and then more work. The final answer is $10,455$.", "10,455"),
+    ("The code is QX7ZB and nothing else was found here", None),
     (r"\boxed{1} then \boxed{\{a, {b}\}}", r"\{a, {b}\}"),
     (r"first \boxed{3} and finally \boxed 5", "5"),
     (r"\fbox{7}", "7"),
     (r"\boxed{2} and then \boxed{unbalanced", "2"),
     ("The total is 1,234 apples and 5 pears, so 17", "17"),
+    ("The code QX7ZB is the answer to the question", None),
     (r"\frac{1}{2}", r"\frac{1}{2}"),
     ("no numbers here at all, just a long sentence", None),
     ("", None),
@@ -83,29 +267,58 @@ def test_is_correct_uses_the_last_box():
 HOSTILE = [
     r"__import__('os').system('touch PWNED')",
     r"\boxed{__import__('os').system('touch PWNED')}",
-    "exec(\"open('PWNED','w')\")", "eval('1')", "lambda: 1",
-    r"9^{9^{9^{9}}}", "9^9^9^9", r"10^{10^{10}}", r"2^{3^{4^{5}}}", r"(10^{100})!", "99999999999!",
-    r"x^{99999999}", r"(x+1)^{1000000}", r"\sqrt[99999999]{2}", "1e999999",
-    "1" * 100_000, "9" * 5000 + "/" + "7" * 5000,
-    "{" * 10_000 + "1" + "}" * 10_000, "(" * 10_000 + "1" + ")" * 10_000, "-" * 100_000 + "1",
-    r"\sqrt{" * 5000 + "2" + "}" * 5000, r"\frac{" * 3000 + "1",
-    "x" * 1_000_000, r"\boxed{" + "1+" * 300_000 + "1}", "\x00\x01\x02" * 1000, "}{" * 50_000, r"\boxed{\boxed{\boxed{",
+    "exec(\"open('PWNED','w')\")",
+    "eval('1')",
+    "lambda: 1",
+    r"9^{9^{9^{9}}}",
+    "9^9^9^9",
+    r"10^{10^{10}}",
+    r"2^{3^{4^{5}}}",
+    r"(10^{100})!",
+    "99999999999!",
+    r"x^{99999999}",
+    r"(x+1)^{1000000}",
+    r"\sqrt[99999999]{2}",
+    "1e999999",
+    "1" * 100_000,
+    "9" * 5000 + "/" + "7" * 5000,
+    "{" * 10_000 + "1" + "}" * 10_000,
+    "(" * 10_000 + "1" + ")" * 10_000,
+    "-" * 100_000 + "1",
+    r"\sqrt{" * 5000 + "2" + "}" * 5000,
+    r"\frac{" * 3000 + "1",
+    "x" * 1_000_000,
+    r"\boxed{" + "1+" * 300_000 + "1}",
+    "\x00\x01\x02" * 1000,
+    "}{" * 50_000,
+    r"\boxed{\boxed{\boxed{",
 ]
 
 
 def test_hostile_answers_are_wrong_and_harmless(tmp_path):
     # a separate process, bounded from outside: a hang fails the test instead of stalling the suite
-    script = ("import json, sys, evaluate\n"
-              "cases = json.loads(sys.stdin.read())\n"
-              "print(json.dumps([[evaluate.is_correct('\\\\boxed{' + h + '}', ref), evaluate.grade(h, ref)] for h in cases for ref in "
-              "('1', '3', '0', 'x', '10^{10^{10}}')]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(HOSTILE), capture_output=True, text=True,
-                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300)
+    script = (
+        "import json, sys, evaluate\n"
+        "cases = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([[evaluate.is_correct('\\\\boxed{' + h + '}', ref), evaluate.grade(h, ref)]\n"
+        "                  for h in cases for ref in ('1', '3', '0', 'x', '10^{10^{10}}')]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(HOSTILE),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert len(results) == 5 * len(HOSTILE)
     # the only "true" allowed: a tower against the identical tower, compared as text
-    assert all(not any(r) for r in results if r != [True, True]) and sum(r == [True, True] for r in results) <= 1
+    assert (
+        all(not any(r) for r in results if r != [True, True]) and sum(r == [True, True] for r in results) <= 1
+    )
     assert not list(tmp_path.iterdir())  # no file was created: nothing ran
 
 
@@ -127,9 +340,23 @@ def checkpoint(tmp_path_factory):
 
 def run_eval(checkpoint, out, *extra):
     path, test = checkpoint
-    evaluate.main(["--checkpoint_path", str(path), "--data_path", str(test), "--max_new_tokens", "12",
-                   "--out", str(out), *extra])
-    return [json.loads(l) for l in out.read_text().splitlines()], json.loads(out.with_suffix(".summary.json").read_text())
+    evaluate.main(
+        [
+            "generate",
+            "--checkpoint_path",
+            str(path),
+            "--data_path",
+            str(test),
+            "--max_new_tokens",
+            "12",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    return [json.loads(l) for l in out.read_text().splitlines()], json.loads(
+        out.with_suffix(".summary.json").read_text()
+    )
 
 
 def test_batched_evaluation_equals_batch_size_one(checkpoint, tmp_path):
@@ -138,8 +365,26 @@ def test_batched_evaluation_equals_batch_size_one(checkpoint, tmp_path):
     by_index = lambda records: {r["index"]: r["generated_text"] for r in records}
     assert by_index(one) == by_index(many) and len(one) == 7
     record = one[0]
-    assert {"index", "unique_id", "subject", "level", "problem", "gtruth_answer", "generated_text", "extracted",
-            "correct", "num_tokens", "truncated"} <= set(record)
+    assert {
+        "index",
+        "sample",
+        "unique_id",
+        "subject",
+        "level",
+        "problem",
+        "gtruth_answer",
+        "generated_text",
+        "extracted",
+        "correct",
+        "num_tokens",
+        "truncated",
+        "looped",
+        "boxed",
+        "thought_cut",
+    } <= set(record)
+    assert [(r["index"], r["sample"]) for r in one] == [
+        (i, 0) for i in range(7)
+    ]  # in order, whatever the batch
     assert summary_one["num_examples"] == 7 and summary_one["accuracy"] == summary_one["num_correct"] / 7
     assert set(summary_one["by_subject"]) == {r["subject"] for r in one}
 
@@ -153,7 +398,11 @@ def test_resume_generates_only_the_unfinished_problems(checkpoint, tmp_path, mon
         run_eval(checkpoint, partial)
     generated = []
     real = qwen3.generate_stream
-    monkeypatch.setattr(qwen3, "generate_stream", lambda model, prompts, *a, **k: generated.extend(prompts) or real(model, prompts, *a, **k))
+    monkeypatch.setattr(
+        qwen3,
+        "generate_stream",
+        lambda model, prompts, *a, **k: generated.extend(prompts) or real(model, prompts, *a, **k),
+    )
     resumed, summary = run_eval(checkpoint, partial, "--resume")
     assert len(generated) == 4
     assert sorted(resumed, key=lambda r: r["index"]) == sorted(full, key=lambda r: r["index"])
@@ -167,16 +416,20 @@ def test_rows_outside_the_math500_schema_are_refused(checkpoint, tmp_path):
 
 
 def test_grading_a_file_of_generations(tmp_path, capsys):
-    rows = [{"gtruth_answer": "2", "message_content": r"so \boxed{2}"}, {"gtruth_answer": "3", "message_content": r"\boxed{4}"},
-            {"gtruth_answer": r"\frac12", "message_content": r"it is $\boxed{0.5}$"}, {"gtruth_answer": "1", "message_content": None}]
+    rows = [
+        {"gtruth_answer": "2", "message_content": r"so \boxed{2}"},
+        {"gtruth_answer": "3", "message_content": r"\boxed{4}"},
+        {"gtruth_answer": r"\frac12", "message_content": r"it is $\boxed{0.5}$"},
+        {"gtruth_answer": "1", "message_content": None},
+    ]
     (tmp_path / "gen.json").write_text(json.dumps(rows))
-    evaluate.main(["--json_path", str(tmp_path / "gen.json"), "--generated_text", "message_content",
+    evaluate.main(["grade", str(tmp_path / "gen.json"), "--generated_text", "message_content",
                    "--out", str(tmp_path / "graded.jsonl")])
     summary = json.loads((tmp_path / "graded.summary.json").read_text())
     assert (summary["num_correct"], summary["num_examples"]) == (2, 4)
-    assert "accuracy: 50.0% (2/4)" in capsys.readouterr().out
+    assert "accuracy (pass@1): 50.0% ± 28.9 (standard error)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no field 'answer_text'"):
-        evaluate.main(["--json_path", str(tmp_path / "gen.json"), "--generated_text", "answer_text"])
+        evaluate.main(["grade", str(tmp_path / "gen.json"), "--generated_text", "answer_text"])
 
 
 def test_teacher_rows_grade_correct(shared_data):
@@ -188,7 +441,7 @@ def test_math500_references_equal_themselves_and_their_solutions(shared_data):
     rows = data.read_rows(shared_data / "math500_test.json")
     assert all(grade(r["answer"], r["answer"]) for r in rows)
     agree = sum(is_correct(r["solution"], r["answer"]) for r in rows)
-    assert agree >= 480  # the worked solutions box the reference answer (a few box it differently)
+    assert agree >= 495  # the worked solutions box the reference answer (measured: all 500)
 
 
 def test_wilson_interval():
@@ -197,9 +450,16 @@ def test_wilson_interval():
     assert evaluate.wilson_interval(0, 10)[0] == 0.0
 
 
-@pytest.mark.parametrize("stop, message", [(torch.OutOfMemoryError("CUDA out of memory"), "out of memory.*lower --batch_size"),
-                                           (KeyboardInterrupt(), "interrupted")])
-def test_a_stopped_evaluation_keeps_finished_records_for_resume(checkpoint, tmp_path, monkeypatch, stop, message):
+@pytest.mark.parametrize(
+    "stop, message",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), "out of memory.*lower --batch_size"),
+        (KeyboardInterrupt(), "interrupted"),
+    ],
+)
+def test_a_stopped_evaluation_keeps_finished_records_for_resume(
+    checkpoint, tmp_path, monkeypatch, stop, message
+):
     full, _ = run_eval(checkpoint, tmp_path / "full.jsonl", "--batch_size", "2")
     calls, real = [], qwen3.Qwen3.forward
 
@@ -211,9 +471,78 @@ def test_a_stopped_evaluation_keeps_finished_records_for_resume(checkpoint, tmp_
 
     monkeypatch.setattr(qwen3.Qwen3, "forward", forward_then_stop)
     out = tmp_path / "stopped.jsonl"
-    with pytest.raises(SystemExit, match=message + ".*2 finished problems.*--resume"):
+    with pytest.raises(SystemExit, match=message + ".*2 finished answers.*--resume"):
         run_eval(checkpoint, out, "--batch_size", "2")
     assert len(out.read_text().splitlines()) == 2
     monkeypatch.setattr(qwen3.Qwen3, "forward", real)
     resumed, _ = run_eval(checkpoint, out, "--batch_size", "2", "--resume")
     assert sorted(resumed, key=lambda r: r["index"]) == sorted(full, key=lambda r: r["index"])
+
+
+def test_pass_at_k_and_majority_vote_against_hand_computed_cases():
+    assert evaluate.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert evaluate.pass_at_k(4, 0, 4) == 0.0 and evaluate.pass_at_k(4, 2, 3) == 1.0
+    answers = lambda *xs: [
+        {"index": 0, "sample": i, "extracted": x, "correct": x == "1/2"} for i, x in enumerate(xs)
+    ]
+    # 0.5 and \frac12 are one answer to the checker: they outvote the two 3s
+    assert evaluate.majority_answer(answers("3", "0.5", r"\frac{1}{2}", "3", "1/2"))["extracted"] == "0.5"
+    assert evaluate.majority_answer(answers("3", "1/2"))["extracted"] == "3"  # a tie: the first answer wins
+    assert evaluate.majority_answer(answers(None, None)) is None
+    records = (answers("1/2", "3", "3", "4") + [{**r, "index": 1} for r in answers("1/2", "1/2", "7", None)])
+    for r in records:
+        r.update(subject="A", level=1)
+    s = evaluate.summarize(records)
+    assert s["accuracy"] == pytest.approx((1 / 4 + 2 / 4) / 2) and s["num_samples"] == 4
+    assert s["stderr"] == pytest.approx(abs(0.25 - 0.5) / 2)  # sample std of (0.25, 0.5) / sqrt(2)
+    assert s["maj@4"] == pytest.approx(0.5)  # problem 0 votes 3, problem 1 votes 1/2
+    assert s["pass@k"][2] == pytest.approx(((1 - 3 / 6) + (1 - 1 / 6)) / 2)
+    assert s["pass@k"][4] == 1.0 and s["by_level"]["1"]["accuracy"] == s["accuracy"]
+
+
+def test_loops_are_detected_at_the_tail_only():
+    assert evaluate.ends_in_loop([5] * 300)
+    assert evaluate.ends_in_loop(list(range(100)) + [1, 2, 3, 4, 5, 6, 7] * 40)
+    assert evaluate.ends_in_loop(list(range(400)) + list(range(50)) * 4)  # period 50, four times: the limit
+    assert not evaluate.ends_in_loop(list(range(400)))
+    assert not evaluate.ends_in_loop([1, 2, 3] * 100 + list(range(100)))  # looped once, then went on
+    assert not evaluate.ends_in_loop([7] * 150)  # too short to call it a loop
+    assert not evaluate.ends_in_loop(
+        list(range(300)) + list(range(60)) * 3
+    )  # a period of 60 is no tight loop
+
+
+def test_sampled_evaluation_reports_error_bars_and_resumes_only_with_the_same_protocol(checkpoint, tmp_path):
+    flags = ["--preset", "thinking", "--num_samples", "3", "--batch_size", "4"]
+    records, summary = run_eval(checkpoint, tmp_path / "s.jsonl", *flags)
+    assert len(records) == 21 and {r["sample"] for r in records} == {0, 1, 2}
+    assert summary["num_samples"] == 3 and "maj@3" in summary and set(summary["pass@k"]) == {"1", "2", "3"}
+    assert summary["protocol"]["temperature"] == 0.6 and summary["protocol"]["top_k"] == 20
+    again, _ = run_eval(checkpoint, tmp_path / "b1.jsonl", *flags[:-1], "1")  # batch size 1: the same answers
+    assert [r["generated_text"] for r in again] == [r["generated_text"] for r in records]
+    before = (tmp_path / "s.jsonl").read_text()
+    with pytest.raises(ValueError, match="other settings.*'temperature': \\(0.6, 0.9\\)"):
+        run_eval(checkpoint, tmp_path / "s.jsonl", *flags, "--temperature", "0.9", "--resume")
+    assert (tmp_path / "s.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("flags, match", [(["--top_p", "1.5"], "top_p"),
+                                          (["--temperature", "-1"], "temperature"),
+                                          (["--num_samples", "0"], "num_samples"),
+                                          (["--thinking_budget", "100"], "thinking_budget")])
+def test_bad_decoding_settings_are_refused_before_anything_is_written(checkpoint, tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        run_eval(checkpoint, tmp_path / "x.jsonl", *flags)
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.summary.json").exists()
+
+
+def test_thinking_budget_is_recorded(checkpoint, tmp_path):
+    path, test = checkpoint
+    records, summary = run_eval(
+        checkpoint, tmp_path / "t.jsonl", "--thinking_budget", "4", "--answer_budget", "3"
+    )
+    # the tiny random model never writes <think>: nothing to cut, and the answers are the plain ones
+    plain, _ = run_eval(checkpoint, tmp_path / "p.jsonl")
+    assert [r["generated_text"] for r in records] == [r["generated_text"] for r in plain]
+    assert summary["thought_cut_share"] == 0.0 and summary["protocol"]["thinking_budget"] == 4

@@ -11,8 +11,18 @@ def test_reference_logs_render_and_summary_rows_stay_out_of_the_train_curve(shar
     rows, steps, spans = plot.read_metrics(path)
     assert len(rows) == 403 and len(steps) == 400  # three end-of-epoch rows (epoch means) are left out
     assert spans == [(1, 0, 6682.0), (2, 6682.0, 13364.0), (3, 13364.0, 20046.0)]
-    plot.main([str(path), str(shared_data / "qwen3-235b-a22-b-2048_distill_metrics.csv"), "--labels", "R1", "235B",
-               "--out", str(tmp_path / "ref.png")])
+    plot.main(
+        [
+            "loss",
+            str(path),
+            str(shared_data / "qwen3-235b-a22-b-2048_distill_metrics.csv"),
+            "--labels",
+            "R1",
+            "235B",
+            "--out",
+            str(tmp_path / "ref.png"),
+        ]
+    )
     assert (tmp_path / "ref.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -21,20 +31,36 @@ def test_own_csv_with_extra_columns(tmp_path):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s"])
-        w.writerows([[1, 2, 3.0, 2.5, 1e-3, 100, 1], [1, 4, 2.0, 1.5, 1e-3, 100, 2], [1, 4, 2.5, 1.5, 1e-3, 100, 2],
-                     [2, 6, 1.0, 1.2, 1e-3, 100, 3], [2, 8, 0.8, 1.0, 1e-3, 100, 4], [2, 8, 0.9, 1.0, 1e-3, 100, 4]])
+        w.writerows(
+            [
+                [1, 2, 3.0, 2.5, 1e-3, 100, 1],
+                [1, 4, 2.0, 1.5, 1e-3, 100, 2],
+                [1, 4, 2.5, 1.5, 1e-3, 100, 2],
+                [2, 6, 1.0, 1.2, 1e-3, 100, 3],
+                [2, 8, 0.8, 1.0, 1e-3, 100, 4],
+                [2, 8, 0.9, 1.0, 1e-3, 100, 4],
+            ]
+        )
     rows, steps, spans = plot.read_metrics(path)
     assert [r["train_loss"] for r in steps] == [3.0, 2.0, 1.0, 0.8] and spans == [(1, 0, 4.0), (2, 4.0, 8.0)]
-    plot.main([str(path), "--out", str(tmp_path / "loss.png")])
+    plot.main(["loss", str(path), "--out", str(tmp_path / "loss.png")])
     assert (tmp_path / "loss.png").stat().st_size > 10_000
 
 
 def test_accuracy_chart(tmp_path):
     for name, acc in (("before", 0.1), ("after", 0.6)):
-        (tmp_path / f"{name}.summary.json").write_text(json.dumps({
-            "accuracy": acc, "num_correct": int(acc * 10), "num_examples": 10, "ci95": [acc / 2, min(1, acc * 1.5)],
-            "by_subject": {"Algebra": {"accuracy": acc}, "Geometry": {"accuracy": acc / 2}}}))
-    plot.main(["--accuracy", str(tmp_path / "before.summary.json"), str(tmp_path / "after.summary.json"),
+        (tmp_path / f"{name}.summary.json").write_text(
+            json.dumps(
+                {
+                    "accuracy": acc,
+                    "num_correct": int(acc * 10),
+                    "num_examples": 10,
+                    "ci95": [acc / 2, min(1, acc * 1.5)],
+                    "by_subject": {"Algebra": {"accuracy": acc}, "Geometry": {"accuracy": acc / 2}},
+                }
+            )
+        )
+    plot.main(["accuracy", str(tmp_path / "before.summary.json"), str(tmp_path / "after.summary.json"),
                "--out", str(tmp_path / "acc.png")])
     assert (tmp_path / "acc.png").stat().st_size > 10_000
 
@@ -42,8 +68,31 @@ def test_accuracy_chart(tmp_path):
 def test_bad_input(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a metrics CSV"):
-        plot.main([str(tmp_path / "x.csv"), "--out", str(tmp_path / "x.png")])
+        plot.main(["loss", str(tmp_path / "x.csv"), "--out", str(tmp_path / "x.png")])
     with pytest.raises(FileNotFoundError):
-        plot.main([str(tmp_path / "nope.csv")])
+        plot.main(["loss", str(tmp_path / "nope.csv")])
     with pytest.raises(ValueError, match="2 labels for 1 files"):
-        plot.main([str(tmp_path / "x.csv"), "--labels", "a", "b"])
+        plot.main(["loss", str(tmp_path / "x.csv"), "--labels", "a", "b"])
+    with pytest.raises(ValueError, match="not a complete evaluate.py summary"):
+        (tmp_path / "partial.summary.json").write_text('{"protocol": {}, "complete": false}')
+        plot.main(["accuracy", str(tmp_path / "partial.summary.json"), "--out", str(tmp_path / "a.png")])
+
+
+def test_length_chart_marks_the_cap(tmp_path):
+    records = [{"index": i, "sample": 0, "num_tokens": n, "correct": n < 60, "looped": n == 64}
+               for i, n in enumerate([20, 35, 64, 64, 50])]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "run.summary.json").write_text(json.dumps({"protocol": {"max_new_tokens": 64}}))
+    plot.main(
+        [
+            "lengths",
+            str(tmp_path / "run.jsonl"),
+            str(tmp_path / "run.jsonl"),
+            "--out",
+            str(tmp_path / "l.png"),
+        ]
+    )
+    assert (tmp_path / "l.png").stat().st_size > 10_000
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"index": 0}) + "\n")
+    with pytest.raises(ValueError, match="not evaluate.py generate records"):
+        plot.main(["lengths", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b.png")])

@@ -113,7 +113,7 @@ def test_hf_directory_matches_independent_reference(tmp_path, tiny_tok_json, n):
     weights = random_official_weights(cfg, seed=n)
     model_dir = write_hf_dir(tmp_path / "m", cfg, weights, tiny_tok_json, shards=1 + n % 2)
     (model_dir / "tokenizer.json").unlink()  # weights and config are enough for the model
-    model = qwen3.from_pretrained(model_dir)
+    model = qwen3.load_model(model_dir)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         qwen3.load_tokenizer(model_dir)
     ids = torch.randint(0, cfg["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(n))
@@ -134,7 +134,8 @@ def test_config_reads_nested_rope_parameters_and_defaults():
         qwen3.Qwen3Config.from_hf({**CONFIGS[0], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
-@pytest.mark.parametrize("problem,match", [("missing", "missing tensors"), ("unexpected", "unexpected tensors"),
+@pytest.mark.parametrize("problem,match", [("missing", "missing tensors"),
+                                           ("unexpected", "unexpected tensors"),
                                            ("shape", "has shape")])
 def test_strict_loading_names_the_bad_tensor(tmp_path, tiny_tok_json, problem, match):
     cfg = CONFIGS[1]
@@ -146,7 +147,7 @@ def test_strict_loading_names_the_bad_tensor(tmp_path, tiny_tok_json, problem, m
     else:
         weights["model.norm.weight"] = torch.ones(7)
     with pytest.raises(ValueError, match=match) as err:
-        qwen3.from_pretrained(write_hf_dir(tmp_path / "m", cfg, weights, tiny_tok_json))
+        qwen3.load_model(write_hf_dir(tmp_path / "m", cfg, weights, tiny_tok_json))
     assert "model.layers" in str(err.value) or "model.norm" in str(err.value)
 
 
@@ -164,7 +165,8 @@ def test_kv_cache_logits_equal_full_forward(config):
 
 
 def varied_model(seed):
-    """A tiny model with large random weights: its greedy answers vary from token to token (N(0, 0.02) repeats one)."""
+    """A tiny model with large random weights: its greedy answers vary from token to token (N(0, 0.02) would
+    repeat one)."""
     model = qwen3.load_model("tiny", seed=seed)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -192,56 +194,100 @@ def test_batched_generation_equals_one_prompt_at_a_time():
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
     model = qwen3.load_model("tiny", seed=0)
     prompt = [[5, 6, 7, 8]]
-    a = qwen3.generate(model, prompt, 10, temperature=1.0, seed=1)
-    assert a == qwen3.generate(model, prompt, 10, temperature=1.0, seed=1)
-    assert qwen3.generate(model, prompt, 10, temperature=1.0, top_p=1e-9, seed=2) == qwen3.generate(model, prompt, 10)
+    hot = qwen3.Sampling(temperature=1.0, seed=1)
+    a = qwen3.generate(model, prompt, 10, sampling=hot)
+    assert a == qwen3.generate(model, prompt, 10, sampling=hot)
+    assert a != qwen3.generate(model, prompt, 10, sampling=qwen3.Sampling(temperature=1.0, seed=2))
+    nucleus = qwen3.Sampling(temperature=1.0, top_p=1e-9, seed=2)
+    assert qwen3.generate(model, prompt, 10, sampling=nucleus) == qwen3.generate(model, prompt, 10)
+    assert qwen3.generate(model, prompt, 10, sampling=qwen3.Sampling(1.0, top_k=1, seed=3)) == \
+        qwen3.generate(model, prompt, 10)
 
 
-def test_stream_yields_tokens_as_generated():
-    model = qwen3.load_model("tiny", seed=0)
-    stream = qwen3.generate_stream(model, [[1, 2, 3]], 6)
-    first = next(stream)
-    assert first == (0, qwen3.generate(model, [[1, 2, 3]], 1)[0][0], False)
-    rest = list(stream)
-    assert len(rest) == 5 and [done for *_, done in rest] == [False] * 4 + [True]
+def test_top_k_and_top_p_keep_only_their_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    uniforms = torch.rand(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    drawn = lambda **kw: qwen3.pick_tokens(logits, qwen3.Sampling(temperature=1.0, **kw), uniforms)
+    assert set(drawn(top_k=2).tolist()) == {0, 1}
+    assert set(drawn(top_p=0.7).tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.7: the smallest such set
+    assert set(drawn(top_p=0.85).tolist()) == {0, 1, 2}
+    counts = torch.bincount(drawn(), minlength=4) / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+    with pytest.raises(ValueError, match="top_p"):
+        qwen3.Sampling(top_p=1.5).check()
+    with pytest.raises(ValueError, match="temperature"):
+        qwen3.Sampling(temperature=-1).check()
 
 
-def test_continuous_batching_refills_finished_slots_and_equals_single():
-    model = varied_model(4)
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 13, 1, 22, 7, 9, 2)]
-    single = [qwen3.generate(model, [p], 20)[0] for p in prompts]
-    # as eos, the token that ends the most answers at different lengths
-    eos = max(range(320), key=lambda t: (len({len(a) for a in stop_at(single, t)}), -t))
-    expected = stop_at(single, eos)
-    assert len({len(e) for e in expected}) >= 3
-    for batch_size in (1, 2, 3):
-        assert qwen3.generate(model, prompts, 20, eos_id=eos, batch_size=batch_size) == expected
-    # batch 2: the third prompt starts as soon as one of the first two finishes, before the other one does
-    events = [(row, done) for row, _, done in qwen3.generate_stream(model, prompts, 20, eos, batch_size=2)]
-    first_finish = min(events.index((0, True)), events.index((1, True)))
-    third_starts = next(i for i, (row, _) in enumerate(events) if row == 2)
-    assert first_finish < third_starts < max(events.index((0, True)), events.index((1, True)))
+def test_sampled_answers_do_not_depend_on_the_batch():
+    model = varied_model(5)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 15, 3, 11)]
+    sampling = qwen3.Sampling(temperature=0.8, top_p=0.95, top_k=50, seed=7)
+    single = [qwen3.generate(model, [p], 20, sampling=sampling, keys=[k])[0] for k, p in enumerate(prompts)]
+    assert len({tuple(s) for s in single}) == 4
+    for batch_size in (1, 2, 4):
+        assert qwen3.generate(model, prompts, 20, batch_size=batch_size, sampling=sampling) == single
+    # another neighbour in the batch changes nothing either: the same key, the same answer
+    assert qwen3.generate(model, [prompts[1], prompts[2]], 20, sampling=sampling, keys=[1, 2]) == single[1:3]
+    greedy = qwen3.generate(model, prompts, 20)
+    assert greedy != single
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_chunked_cross_entropy_equals_plain_in_value_and_gradient(dtype, tolerance):
-    torch.manual_seed(0)
-    model = qwen3.Qwen3(qwen3.Qwen3Config(**CONFIGS[1], max_position_embeddings=512)).to(dtype)
-    ids = torch.randint(0, 280, (3, 20))
-    targets = torch.randint(0, 280, (3, 20))
-    mask = torch.zeros(3, 20, dtype=torch.bool)
-    mask[0, 5:], mask[1, 12:18], mask[2, 1:] = True, True, True
-    loss = qwen3.answer_loss(model, ids, targets, mask, chunk_size=7)
-    loss.backward()
-    chunked_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    logits = model(ids)
-    plain = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask])
-    plain.backward()
-    torch.testing.assert_close(loss, plain, atol=tolerance / 10, rtol=tolerance / 10)
-    for g, p in zip(chunked_grads, model.parameters()):  # bfloat16: the chunks' head gradients round separately
-        assert g.dtype == dtype and (g.float() - p.grad.float()).norm() <= tolerance * p.grad.float().norm()
+def test_samples_of_one_prompt_share_one_prefill(monkeypatch):
+    model = varied_model(6)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
+    requests = [prompts[0]] * 3 + [prompts[1]] * 2
+    keys = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    sampling = qwen3.Sampling(temperature=1.0, seed=3)
+    separate = [
+        qwen3.generate(model, [p], 12, sampling=sampling, keys=[k])[0] for p, k in zip(requests, keys)
+    ]
+    prefilled = []
+    real = qwen3.Qwen3.hidden_states
+    def counting(self, ids, cache=None, positions=None):
+        if ids.shape[1] > 1:  # a prefill: several tokens at once
+            prefilled.extend(map(tuple, ids.tolist()))
+        return real(self, ids, cache, positions)
+    monkeypatch.setattr(qwen3.Qwen3, "hidden_states", counting)
+    for batch_size in (5, 2):
+        prefilled.clear()
+        assert (
+            qwen3.generate(model, requests, 12, batch_size=batch_size, sampling=sampling, keys=keys)
+            == separate
+        )
+        assert len(prefilled) == 2  # two prompts, each prefilled once for all its samples
+    assert len({tuple(s) for s in separate[:3]}) == 3  # the samples differ
+
+
+def test_simple_generation_equals_the_fast_one():
+    model = varied_model(7)
+    prompts = [[1, 2, 3], [9] * 12, [4]]
+    fast = qwen3.generate(model, prompts, 15)
+    assert [qwen3.generate_simple(model, p, 15) for p in prompts] == fast
+    eos = fast[1][4]
+    assert [qwen3.generate_simple(model, p, 15, eos_id=eos) for p in prompts] == stop_at(fast, eos)
+
+
+def test_thinking_budget_closes_the_thought_at_exactly_b_tokens():
+    model = varied_model(8)
+    prompt = [11, 12, 13, 14]
+    unforced = qwen3.generate(model, [prompt], 40)[0]
+    # stand-ins for the think tags: this random model "opens its thought" with its first token and never
+    # closes it
+    close_ids = [t for t in range(256) if t not in unforced][:3]
+    budget = qwen3.ThinkingBudget(tokens=10, open_id=unforced[0], close_ids=close_ids, answer_tokens=5)
+    answer = qwen3.generate(model, [prompt], 40, budget=budget)[0]
+    assert answer[:10] == unforced[:10]
+    assert answer[10:13] == close_ids  # closed right after 10 tokens: </think> and a blank line
+    assert (
+        len(answer) == 10 + 3 + 5 and budget.cut_at(answer) == 10
+    )  # then the allowance for the final answer
+    batched = qwen3.generate(model, [[1, 2], prompt, [7] * 9], 40, batch_size=2, budget=budget)
+    assert batched[1] == answer  # per row, whatever shares the batch
+    short = qwen3.ThinkingBudget(tokens=50, open_id=unforced[0], close_ids=close_ids)
+    assert qwen3.generate(model, [prompt], 40, budget=short)[0] == unforced  # never reached: plain answer
+    assert short.cut_at(unforced) is None
 
 
 def test_tiny_tokenizer_special_tokens_and_chat_template():
@@ -251,7 +297,10 @@ def test_tiny_tokenizer_special_tokens_and_chat_template():
     assert ids.count(specials["<think>"]) == 1 and ids.count(specials["</think>"]) == 1
     assert tok.decode(ids) == "Hi <think>x</think>"
     wrapped = tok.encode("Hi")
-    assert wrapped[0] == specials["<|im_start|>"] and tok.decode(wrapped) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        wrapped[0] == specials["<|im_start|>"]
+        and tok.decode(wrapped) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.eos_token_id == specials["<|im_end|>"]
     assert qwen3.load_tokenizer("tiny", "base").eos_token_id == specials["<|endoftext|>"]
     assert qwen3.load_tokenizer("tiny").encode("héllo ∑") == list("héllo ∑".encode())  # bytes, in order
@@ -282,7 +331,7 @@ def test_checkpoint_round_trip_and_hf_export(tmp_path):
     assert state["step"] == 7 and tok2.kind == "reasoning" and tok2.encode("Hi") == tok.encode("Hi")
     torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
     exported = qwen3.export_hf(loaded, tok2, tmp_path / "hf")
-    again = qwen3.from_pretrained(exported)
+    again = qwen3.load_model(exported)
     torch.testing.assert_close(again(ids), model(ids), atol=0, rtol=0)
     assert qwen3.load_tokenizer(exported, "reasoning").encode("Hi") == tok.encode("Hi")
 
@@ -333,24 +382,32 @@ def test_hub_download_once_then_offline(tmp_path, file_server, monkeypatch, tiny
         file_server.files[f"/Org/Model/resolve/main/{f.name}"] = f.read_bytes()
     monkeypatch.setattr(qwen3, "HF_URL", file_server.url + "/{repo}/resolve/main/{file}")
     tok = qwen3.load_tokenizer("Org/Model", "reasoning", cache_dir=tmp_path / "cache")
-    assert [path for path, _ in file_server.requests] == ["/Org/Model/resolve/main/tokenizer.json"]  # no weights
+    assert [path for path, _ in file_server.requests] == [
+        "/Org/Model/resolve/main/tokenizer.json"
+    ]  # no weights
     assert tok.encode("Hi") == qwen3.load_tokenizer(src, "reasoning").encode("Hi")
-    model = qwen3.from_pretrained("Org/Model", cache_dir=tmp_path / "cache")
-    assert any(path.endswith("model.safetensors.index.json") for path, _ in file_server.requests)  # probed, 404
+    model = qwen3.load_model("Org/Model", cache_dir=tmp_path / "cache")
+    assert any(
+        path.endswith("model.safetensors.index.json") for path, _ in file_server.requests
+    )  # probed, 404
     n = len(file_server.requests)
     file_server.close()  # offline from now on: the cache must be enough
-    again = qwen3.from_pretrained("Org/Model", cache_dir=tmp_path / "cache")
+    again = qwen3.load_model("Org/Model", cache_dir=tmp_path / "cache")
     assert len(file_server.requests) == n
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(again(ids), model(ids))
     with pytest.raises(qwen3.DownloadError, match="download config.json, tokenizer.json and model"):
-        qwen3.from_pretrained("Org/Other", cache_dir=tmp_path / "cache")
+        qwen3.load_model("Org/Other", cache_dir=tmp_path / "cache")
 
 
 def test_import_pulls_in_no_optional_packages():
     import subprocess
     import sys
-    code = ("import sys, qwen3; print([m for m in ('requests', 'safetensors', 'tokenizers', 'matplotlib', 'sympy', "
-            "'transformers') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=qwen3.Path(qwen3.__file__).parent)
+    code = (
+        "import sys, qwen3; print([m for m in ('requests', 'safetensors', 'tokenizers', 'matplotlib', "
+        "'sympy', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=qwen3.Path(qwen3.__file__).parent
+    )
     assert out.stdout.strip() == "[]", out.stderr

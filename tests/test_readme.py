@@ -1,4 +1,6 @@
-"""Every command in the README parses with the script's own flags (the walkthrough itself runs in .ci/run)."""
+"""Every command in the README parses with the script's own flags (the walkthrough itself runs in .ci/run),
+and the README shows the walkthrough script's commands as they are."""
+
 import importlib
 import re
 import shlex
@@ -6,42 +8,62 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
-def commands():
-    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+def script_argv(line):
+    """['train.py', flags...] of a command line: python X.py ..., or torchrun ... X.py ..."""
+    words = shlex.split(line.split(" #")[0])
+    start = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    return words[start:]
+
+
+def commands(text=README):
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [line.strip() for line in lines if line.strip().startswith("python ") and ".py" in line.split()[1]]
+    return [line.strip() for line in lines if re.match(r"\s*(python|torchrun) .*\.py", line)]
 
 
 def test_readme_has_the_commands():
-    scripts = {shlex.split(c)[1] for c in commands()}
-    assert {"data.py", "train.py", "evaluate.py", "plot.py"} <= scripts
+    scripts = {script_argv(c)[0] for c in commands()}
+    assert {"data.py", "train.py", "evaluate.py", "plot.py", "qwen3.py", "bench.py"} <= scripts
 
 
 @pytest.mark.parametrize("command", commands())
 def test_readme_command_parses(command):
-    argv = shlex.split(command.split("#")[0])[1:]
+    argv = script_argv(command)
     module = importlib.import_module(argv[0].removesuffix(".py"))
-    module.parse_args(argv[1:])  # argparse exits (failing the test) on an unknown flag or a bad value
+    module.parse_args([a for a in argv[1:] if a != "..."])  # argparse exits (failing the test) on a bad flag
 
 
 def test_inline_commands_parse():
     for command in re.findall(r"`(python \w+\.py [^`]+)`", README):
-        argv = shlex.split(command)[1:]
-        importlib.import_module(argv[0].removesuffix(".py")).parse_args(argv[1:])
+        argv = script_argv(command)
+        importlib.import_module(argv[0].removesuffix(".py")).parse_args([a for a in argv[1:] if a != "..."])
+
+
+def test_walkthrough_block_is_the_script():
+    shown = re.search(r"<!-- walkthrough -->\n```bash\n(.*?)```\n<!-- /walkthrough -->", README, re.S).group(
+        1
+    )
+    script = (ROOT / "walkthrough.sh").read_text()
+    ran = re.search(r"# <!-- walkthrough -->\n(.*?)# <!-- /walkthrough -->", script, re.S).group(1)
+    assert shown == ran
+    assert "bash walkthrough.sh" in README and "bash walkthrough.sh" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_test_command_is_the_one_ci_runs():
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in README and "python3 -m pytest -q tests" in ci
 
 
 def test_gpu_script_commands_parse_and_match_the_readme():
-    script = (Path(__file__).resolve().parent.parent / ".ci" / "gpu").read_text()
-    runs = [line.split("#")[0].split() for line in script.splitlines() if line.startswith("bench ")]
-    assert len(runs) == 5
-    for argv in runs:
-        importlib.import_module("bench").parse_args(argv[1:])
-        assert " ".join(["python", "bench.py", *argv[1:], "--json"]) in commands()
+    script = (ROOT / ".ci" / "gpu").read_text()
+    runs = [line.split("python3 ", 1)[1] for line in script.splitlines()
+            if line.strip().startswith("check ") and "python3 bench.py" in line]
+    assert len(runs) >= 7
+    shown = [c.replace("python ", "", 1) for c in commands() if "--device cuda" in c]
+    for command in (run.replace("$dtype", "bfloat16") for run in runs):  # the README shows one dtype of three
+        importlib.import_module("bench").parse_args(shlex.split(command)[1:])
+        assert command in shown, command
