@@ -67,7 +67,7 @@ def synthetic_examples(n, seq_len, vocab_size, seed):
 
 def time_steps(parameters, steps, device, step_fn, warmup):
     """Seconds for the timed steps (after warm-up) and the tokens step_fn reports; AdamW at lr 1e-5."""
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=str(device).startswith("cuda") or None)
+    optimizer = train.adamw(parameters, device, lr=1e-5, weight_decay=0.0)
     tokens, start = 0, None
     for i, step in enumerate(steps):
         if i == warmup:
@@ -172,8 +172,7 @@ def bench_converge(args, train_argv):
     model = qwen3.load_model(targs.model, device, precision[1], targs.cache_dir, targs.seed)
     tok = qwen3.load_tokenizer(targs.model, targs.which_model, targs.cache_dir)
     train_examples, val = train.load_examples(targs, tok, say=lambda *a: None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
-                                  fused=device.startswith("cuda") or None)
+    optimizer = train.adamw(model.parameters(), device, targs.lr, targs.weight_decay)
     total_steps = len(train.optimizer_steps(train_examples, targs, 1, 1)) * targs.epochs
     all_steps = (step for epoch in range(1, targs.epochs + 1)
                  for step in train.optimizer_steps(train_examples, targs, epoch, 1))

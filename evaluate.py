@@ -104,6 +104,8 @@ def extract_answer(text):
     if stated:  # the rest of that sentence
         text = re.split(r"\.(?:\s|$)|\n\n|I hope", text[stated[-1].end():])[0]
     bare = text.strip().rstrip(".")
+    if stated:  # The final answer is "$12$ and $13$": its dollars and quotes are not part of the answer
+        bare = re.sub(r'\\?\$|\\?"', "", bare).strip()
     if len(bare) <= 60 and "\n" not in bare and "$" not in bare and \
             not re.search(r"[a-zA-Z]{4,}", re.sub(r"\\[a-zA-Z]+", "", bare)):
         return bare or None
@@ -155,7 +157,7 @@ def normalize(answer):
     s = re.sub(r"\s*\b(?:and|or)\b\s*", ",", s)  # 3 and 5, (2,5) or (5,2): a list
     for pattern, canonical in RELATIONS + BARE_WORDS:
         s = re.sub(pattern, canonical, s)
-    s = s.replace("{,}", ",").replace("\\dots", "").replace("\\ldots", "").replace("\\colon", ":")
+    s = re.sub(r"\{\s*,\s*\}", ",", s).replace("\\dots", "").replace("\\ldots", "").replace("\\colon", ":")
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
     s = re.sub(r"^(?:the answer is|answer:)\s*", "", s, flags=re.I)
     units = RE_UNITS.match(s)
@@ -555,7 +557,17 @@ def scalar_equal(a, b):
         x, y = parse_math(_ratio(a)), parse_math(_ratio(b))
     except (ParseError, ZeroDivisionError, TypeError, ValueError):
         return False
-    return _sympy_equal(x, y)
+    return _sympy_equal(x, y) or _rounds_to(a, y, b) or _rounds_to(b, x, a)
+
+
+def _rounds_to(decimal, value, written):
+    """0.0833 for 1/12: a decimal of four or more places is right when the exact value (written without a
+    decimal point) rounds to it. Fewer places, as 0.33 for 1/3, stay wrong: MATH asks for exact answers."""
+    places = re.fullmatch(r"-?\d*\.(\d{4,})", decimal)
+    if not places or "." in written or not value.is_number or value.has(sympy.oo, sympy.zoo, sympy.nan):
+        return False
+    error = abs(complex(sympy.N(value - sympy.Rational(decimal), 30)))
+    return error <= 0.5 * 10.0 ** -len(places.group(1))
 
 
 def _ratio(s):
@@ -586,16 +598,10 @@ def _sympy_equal(x, y):
     return True
 
 
-def _same_multiset(xs, ys):
-    if len(xs) != len(ys):
-        return False
-    unused = list(ys)
-    for x in xs:
-        match = next((k for k, y in enumerate(unused) if answers_equal(x, y)), None)
-        if match is None:
-            return False
-        unused.pop(match)
-    return True
+def _same_set(xs, ys):
+    """Equal as sets: every item of each side is on the other; order and repeats do not matter."""
+    return all(any(answers_equal(x, y) for y in ys) for x in xs) and \
+        all(any(answers_equal(x, y) for x in xs) for y in ys)
 
 
 def _equations_equal(a, b):
@@ -647,14 +653,14 @@ def answers_equal(pred, ref):
         def items(kind, payload):
             return payload[1] if kind == "seq" else payload
         unordered = {"list", "set", "seq"}
-        return ka in unordered and kb in unordered and "list" in (ka, kb) and _same_multiset(items(ka, pa),
-                                                                                               items(kb, pb))
+        return ka in unordered and kb in unordered and "list" in (ka, kb) and _same_set(items(ka, pa),
+                                                                                         items(kb, pb))
     if ka == "expr":
         return scalar_equal(pa, pb)
     if ka == "seq":
         return pa[0] == pb[0] and len(pa[1]) == len(pb[1]) and all(map(scalar_equal, pa[1], pb[1]))
     if ka in ("list", "set"):
-        return _same_multiset(pa, pb)
+        return _same_set(pa, pb)
     if ka == "matrix":
         return [len(r) for r in pa] == [len(r) for r in pb] and all(
             scalar_equal(x, y) for ra, rb in zip(pa, pb) for x, y in zip(ra, rb))
@@ -705,7 +711,7 @@ def is_correct(model_output, reference):
 # 2. render each problem's prompt, 3. generate the answers, 4. extract and grade each one as it completes,
 # 5. summarise: accuracy with error bars, by subject and level, and what went wrong.
 
-CHECKER_VERSION = 2  # raised whenever grading changes; part of every summary's protocol
+CHECKER_VERSION = 3  # raised whenever grading changes; part of every summary's protocol
 LOOP_WINDOW, LOOP_PERIOD = 200, 50  # an answer "loops" when its last 200 tokens repeat a block of <= 50
 
 

@@ -114,7 +114,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """cos/sin tables for integer positions [B, T] -> [B, 1, T, head_dim], computed in float32."""
+    """cos/sin tables for integer positions [B, T] -> [B, 1, T, head_dim], computed in float32 (bfloat16 keeps
+    8 significant bits: at position 2,000 an angle would be off by up to 4 radians)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     freqs = positions.float()[..., None] * (1.0 / theta ** exponents)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]
@@ -148,6 +149,7 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Write k/v [B, H, T, D] at this forward's positions; return the filled prefix."""
+        # a scatter, not a slice: the rows of a batch are at different positions
         index = self.positions[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
@@ -227,7 +229,7 @@ class Qwen3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings:  # the small Qwen3 models read and write tokens with one matrix
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False
         for module in self.modules():  # the official init: N(0, 0.02), norms at one, biases at zero
@@ -245,7 +247,7 @@ class Qwen3(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training:  # keep only each block's input; redo it in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, use_reentrant=False)
             else:
                 x = block(x, cos, sin, i, cache)
@@ -855,7 +857,8 @@ def pick_device(name="auto"):
 
 
 def pick_dtype(name, device):
-    """Inference dtype. 'auto': bfloat16 on CUDA, float32 elsewhere."""
+    """Inference dtype. 'auto': bfloat16 on CUDA (its tensor cores), float32 elsewhere (most CPUs compute
+    bfloat16 slowly)."""
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
@@ -880,7 +883,7 @@ def init_processes(device_name="auto", group=True):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     import torch.distributed as dist  # only multi-process runs need it
-    if group and not dist.is_initialized():
+    if group and not dist.is_initialized():  # gloo also runs on CPUs: the tests use two CPU processes
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return int(os.environ["RANK"]), world, device
 

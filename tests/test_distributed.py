@@ -80,6 +80,13 @@ def test_two_processes_train_exactly_as_one(synth, one_process, mode):
     assert len(losses(out)) == len(losses(one_process))  # one process wrote the CSV, once
 
 
+def test_soft_distillation_over_two_processes_equals_one(synth):
+    kd = ["--teacher", "tiny", "--kd_weight", "0.5", "--kd_loss", "reverse_kl", "--epochs", "1"]
+    train.main(run_args(synth, synth / "kd-one", "--grad_accum", "2", *kd))
+    torchrun("train.py", *run_args(synth, synth / "kd-two", *kd))
+    assert_same_run(synth / "kd-two", synth / "kd-one")
+
+
 def test_every_micro_batch_goes_to_exactly_one_process():
     batches = [[{"token_ids": [0] * n}] for n in range(3, 8)]
     shares = [train.rank_share(batches, rank, 2) for rank in (0, 1)]

@@ -26,7 +26,11 @@ RULES = {
     "decimals": [
         ("0.5", r"\frac12", True),
         ("0.50", ".5", True),
-        ("0.3333333333", r"\frac13", False),
+        ("0.3333333333", r"\frac13", True),  # four or more places: right when the exact value rounds to it
+        (r"\frac{1}{12}", "0.0833", True),
+        ("0.33", r"\frac13", False),  # fewer places: MATH asks for exact answers
+        ("0.3334", r"\frac13", False),
+        ("0.12345", "0.1234", False),  # a decimal reference is exact, never a rounding
         ("0.15", r"\frac{3}{20}", True),
         ("3.21", "3.2", False),
     ],
@@ -35,12 +39,14 @@ RULES = {
         (r"6\sqrt{2}", r"\sqrt{72}", True),
         (r"\sqrt[3]{8}", "2", True),
         (r"2\sqrt{3}", r"3\sqrt{2}", False),
-        ("1.41421356237", r"\sqrt{2}", False),
+        ("1.41421356237", r"\sqrt{2}", True),
+        ("1.4143", r"\sqrt{2}", False),
     ],
     "pi": [
         (r"288 \pi", r"288\pi", True),
         (r"\frac{\pi}{2}", r"\pi/2", True),
-        ("3.14159", r"\pi", False),
+        ("3.14159", r"\pi", True),
+        ("3.14", r"\pi", False),
         (r"2\pi", r"\pi", False),
     ],
     "powers": [
@@ -81,6 +87,8 @@ RULES = {
         ("(3, 5)", r"\{3, 5\}", False),
         (r"1 \pm \sqrt{19}", r"1-\sqrt{19}, 1+\sqrt{19}", True),
         (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False),
+        ("(1, 2), (3, 4), (1,2)", "(3,4),(1,2)", True),  # sets: repeats do not count
+        ("(1, 2), (1, 2)", "(3,4),(1,2)", False),
     ],
     "equations": [
         ("x = 3", "3", True),
@@ -112,6 +120,8 @@ RULES = {
         ("(x = 5)", "5", True),
         (r"(\text{odd})", "even", False),
         (r"10,\!080", "10080", True),
+        ("14{, }916", "14916", True),
+        ("14{, }916", "14,917", False),
         ("1,234/2", "617", True),
         (r"\$18.90", "18.9", True),
         (r"50\%", "50", True),
@@ -237,6 +247,7 @@ def test_checker_rule(rule):
     (r"The final answer is $\frac{2}{7}$.", r"\frac{2}{7}"),
     (r"Final Answer: The final answer is $12{,}345$. I hope it is correct.", "12{,}345"),
     (r"Final Answer: the largest $n$ is 34.", "34"),
+    (r'The final answer is "$12$ and $13$". I hope it is correct.', "12 and 13"),
     (r"Therefore $x \geq 5$ is the solution.", r"x \geq 5"),
     (r"So the probability is $\frac{5}{9}.$", r"\frac{5}{9}."),
     (r"\boxed{2} and \boxed{3}", "2, 3"),

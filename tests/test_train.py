@@ -226,8 +226,8 @@ def test_non_finite_loss_stops_names_the_step_and_does_not_block_the_rerun(synth
 
     def poisoned(*args, **kwargs):
         calls.append(1)
-        ce, kd = real(*args, **kwargs)
-        return (ce * float("nan") if len(calls) == 3 else ce), kd  # at step 3, before any checkpoint
+        losses = real(*args, **kwargs)
+        return losses * float("nan") if len(calls) == 3 else losses  # at step 3, before any checkpoint
     monkeypatch.setattr(train, "answer_loss", poisoned)
     with pytest.raises(SystemExit, match=r"non-finite loss at step 3 .*data rows \[\d+\].*No checkpoint was "
                                          r"written: fix the cause and start again") as stop:
