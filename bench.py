@@ -125,6 +125,8 @@ def bench_train(args, model, device, rank, world_size):
         kd_tokens_per_sec, kd_memory = measure(model, teacher)
         result.update(kd_tokens_per_sec=kd_tokens_per_sec, kd_time_ratio=tokens_per_sec / kd_tokens_per_sec,
                       kd_peak_memory_gib=kd_memory, kd_extra_memory_gib=kd_memory - memory)
+        if args.on_policy_tokens:
+            result.update(bench_on_policy_step(args, model, teacher, examples, device, autocast))
     if args.compare:  # the reference's loop: one example per step, full logits (train.plain_answer_loss)
         def reference_step(micro_batches):
             (example,) = micro_batches[0]
@@ -136,6 +138,31 @@ def bench_train(args, model, device, rank, world_size):
         seconds, tokens = time_steps(model.parameters(), singles, device, reference_step, args.warmup)
         result.update(baseline_tokens_per_sec=tokens / seconds, speedup=tokens_per_sec * seconds / tokens)
     return result
+
+
+def bench_on_policy_step(args, model, teacher, examples, device, autocast):
+    """One on-policy step (train.forward_backward with train.Rollouts) in its three parts: the student's
+    rollout of --on_policy_tokens tokens per prompt (a random model rarely stops early: the cap is what is
+    timed), the teacher's scoring, the student's forward and backward. The second of two steps is timed."""
+    step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5, on_policy=1.0,
+                                   rollout_temperature=1.0, rollout_max_new_tokens=args.on_policy_tokens,
+                                   samples_per_prompt=1, seed=args.seed)
+    rollouts = train.Rollouts(step_args, qwen3.load_tokenizer(args.model))
+    batch = [{**e, "token_ids": torch.as_tensor(e["token_ids"])} for e in examples[:args.batch_size]]
+    reset_peak_memory(device)
+    for _ in range(2):
+        sync(device)
+        start = time.time()
+        stats = train.forward_backward(model, [batch], step_args, device, autocast=autocast, soft=teacher,
+                                       rollouts=rollouts)[3]
+        sync(device)
+        seconds = time.time() - start
+        model.zero_grad(set_to_none=True)
+    return {"on_policy_step_s": seconds, "on_policy_rollout_s": stats["rollout_s"],
+            "on_policy_teacher_s": stats["teacher_s"],
+            "on_policy_update_s": seconds - stats["rollout_s"] - stats["teacher_s"],
+            "on_policy_answer_tokens": stats["tokens"],
+            "on_policy_peak_memory_gib": qwen3.peak_memory_gib(device)}
 
 
 def report_train(args, result):
@@ -156,6 +183,12 @@ def report_train(args, result):
         print(f"soft distillation from {args.teacher}: {result['kd_tokens_per_sec']:,.0f} tokens/s "
               f"({result['kd_time_ratio']:.2f}x the time per step), peak memory "
               f"{result['kd_peak_memory_gib']:.2f} GiB ({result['kd_extra_memory_gib']:+.2f})")
+    if "on_policy_step_s" in result:
+        r = result
+        print(f"one on-policy step, {args.batch_size} prompts x {args.on_policy_tokens} tokens: "
+              f"{r['on_policy_step_s']:.2f} s = rollout {r['on_policy_rollout_s']:.2f} + teacher "
+              f"{r['on_policy_teacher_s']:.2f} + student forward and backward {r['on_policy_update_s']:.2f}; "
+              f"peak memory {r['on_policy_peak_memory_gib']:.2f} GiB")
 
 
 # -----------------------------------------------------------------------------
@@ -365,6 +398,8 @@ def parse_args(argv=None):
                    help="report the share of weights that the steps changed")
     t.add_argument("--teacher", default=None, help="also time soft distillation from this teacher (e.g. "
                    "'tiny', 'random-4B'); prints the extra time and memory")
+    t.add_argument("--on_policy_tokens", type=int, default=0, help="with --teacher: also time one on-policy "
+                   "step whose rollout writes this many tokens per prompt, in its three parts")
     t.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak for MFU (detected for common GPUs)")
     g = sub["generate"]

@@ -12,8 +12,11 @@ import math
 import os
 import random
 import sys
+import threading
+import time
 from array import array
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,11 +29,16 @@ DATA_URLS = ["https://huggingface.co/datasets/rasbt/math_distill/resolve/main/da
              "https://f001.backblazeb2.com/file/reasoning-from-scratch/MATH/{partition}.json"]
 MATH500_URL = ("https://raw.githubusercontent.com/rasbt/reasoning-from-scratch/main/"
                "ch03/01_main-chapter-code/math500_test.json")
+# problems to ask a teacher about, by name: MATH-500, and the 12,000 MATH problems outside it (the reference's
+# training problems; rows: problem, answer, level, type, unique_id)
+PROBLEM_SETS = {"math500": ("math500_test.json", MATH500_URL),
+                "math-train": ("math_full_minus_math500.json", "https://raw.githubusercontent.com/rasbt/"
+                               "math_full_minus_math500/refs/heads/main/math_full_minus_math500.json")}
 FORMAT_VERSION = 1  # bump when formatting or tokenization changes: old token caches then miss
 
 PROMPT_TEMPLATE = ("You are a helpful math assistant.\n"
                    "Answer the question and write the final result on a new line as:\n"
-                   "\\boxed{{ANSWER}}\n\n"
+                   "\\boxed{ANSWER}\n\n"
                    "Question:\n{problem}\n\nAnswer:")
 
 # -----------------------------------------------------------------------------
@@ -93,22 +101,36 @@ def load_distill_data(partition_or_path, cache_dir=None):
     return read_rows(resolve_data_path(partition_or_path, cache_dir))
 
 
-def load_math500(path=None, cache_dir=None):
-    """MATH-500 (downloaded and cached when no path is given) or any file in its schema."""
-    if path is None:
-        path = fetch([MATH500_URL], Path(cache_dir or qwen3.default_cache_dir()) / "data" /
-                     "math500_test.json")
-    elif not Path(path).is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    return read_rows(path)
+def load_problems(name_or_path=None, cache_dir=None):
+    """Problems to answer: a set by name (PROBLEM_SETS; default MATH-500), downloaded and cached, or a local
+    JSON/JSONL file. Each row needs a 'problem' string and an 'answer' (or the teacher files' 'gtruth_answer',
+    which becomes 'answer')."""
+    name_or_path = name_or_path or "math500"
+    if name_or_path in PROBLEM_SETS:
+        file, url = PROBLEM_SETS[name_or_path]
+        path = fetch([url], Path(cache_dir or qwen3.default_cache_dir()) / "data" / file)
+    elif not Path(name_or_path).is_file():
+        raise FileNotFoundError(f"data file not found: {name_or_path} (or a problem set: "
+                                f"{', '.join(PROBLEM_SETS)})")
+    else:
+        path = name_or_path
+    rows = read_rows(path)
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or \
+                not ("answer" in row or "gtruth_answer" in row):
+            raise ValueError(f"{name_or_path}: row {n} lacks a 'problem' string or an 'answer' (or "
+                             "'gtruth_answer')")
+        row.setdefault("answer", row.get("gtruth_answer"))
+    return rows
 
 
 # -----------------------------------------------------------------------------
 # Formatting
 
 
-def render_prompt(problem):
-    return PROMPT_TEMPLATE.format(problem=problem)
+def render_prompt(problem, template=PROMPT_TEMPLATE):
+    """The prompt for a problem: the template with {problem} replaced (its other braces are text)."""
+    return template.replace("{problem}", problem)
 
 
 def _field(row, key, required):
@@ -148,22 +170,26 @@ def format_example(row, use_think_tokens):
     return render_prompt(problem), format_distilled_answer(row, use_think_tokens)
 
 
-def build_examples(rows, tokenizer, use_think_tokens):
+def build_examples(rows, tokenizer, use_think_tokens, prompts_only=False):
     """Examples {token_ids: prompt ids + target ids + [eos] (an int32 tensor), prompt_len} and a Counter of
     skip reasons.
 
-    Index i of a skipped row is simply absent; each example keeps its row index in 'row'.
+    Index i of a skipped row is simply absent; each example keeps its row index in 'row'. prompts_only: a row
+    without teacher text (a problem to answer on-policy) is kept with an empty target (see has_teacher_text).
     """
     texts, skipped = [], Counter()
     for i, row in enumerate(rows):
         try:
             texts.append((i, *format_example(row, use_think_tokens)))
         except ValueError as reason:
-            skipped[str(reason)] += 1
+            if prompts_only and isinstance(row, dict) and _field(row, "problem", required=False):
+                texts.append((i, render_prompt(_field(row, "problem", required=True)), None))
+            else:
+                skipped[str(reason)] += 1
     prompts = tokenizer.encode_batch([tokenizer.wrap(p) for _, p, _ in texts])
     targets, bar = [], qwen3.Progress(len(texts), "tokenize", unit="rows")
     for s in range(0, len(texts), 256):  # chunks: a progress bar, and faster than one huge batch
-        targets += tokenizer.encode_batch([t for _, _, t in texts[s:s + 256]])
+        targets += tokenizer.encode_batch([t or "" for _, _, t in texts[s:s + 256]])
         bar.update(len(texts[s:s + 256]))
     bar.close()
     # int32 tensors, not lists of Python ints: a twentieth of the memory, and the token cache loads as views
@@ -174,28 +200,33 @@ def build_examples(rows, tokenizer, use_think_tokens):
     return examples, skipped
 
 
-def examples_key(path, tokenizer, use_think_tokens):
+def has_teacher_text(example):
+    """False for a prompt kept without teacher text (its target is the eos alone)."""
+    return len(example["token_ids"]) > example["prompt_len"] + 1
+
+
+def examples_key(path, tokenizer, use_think_tokens, prompts_only=False):
     """What the tokenized examples of a file depend on: its content, the tokenizer and its variant, the think
     flag and the format version. Files derived from them (token cache, teacher logits) carry this key."""
     parts = [hashlib.sha256(Path(path).read_bytes()).hexdigest(), tokenizer.sha256, tokenizer.kind,
-             str(bool(use_think_tokens)), str(FORMAT_VERSION)]
+             str(bool(use_think_tokens)), str(FORMAT_VERSION)] + (["prompts"] if prompts_only else [])
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None):
+def prepare_examples(data_path, tokenizer, use_think_tokens, cache_dir=None, prompts_only=False):
     """build_examples for a file, cached on disk under its examples_key.
 
     Returns (examples, skipped, num_rows). A cache file whose key or structure is wrong is rebuilt.
     """
     path = resolve_data_path(data_path, cache_dir)
-    key = examples_key(path, tokenizer, use_think_tokens)
+    key = examples_key(path, tokenizer, use_think_tokens, prompts_only)
     cache_file = Path(cache_dir or qwen3.default_cache_dir()) / "tokenized" / f"{path.stem}-{key}.pt"
     if cache_file.exists():
         cached = _read_token_cache(cache_file, key)
         if cached is not None:
             return cached
     rows = read_rows(path)
-    examples, skipped = build_examples(rows, tokenizer, use_think_tokens)
+    examples, skipped = build_examples(rows, tokenizer, use_think_tokens, prompts_only)
     _write_token_cache(cache_file, key, examples, skipped, len(rows))
     return examples, skipped, len(rows)
 
@@ -351,6 +382,158 @@ def synth_dataset(n_train, n_test, seed, min_terms=3, max_terms=3):
             train.append({"problem": problem, "gtruth_answer": answer, "message_thinking": trace,
                           "message_content": f"The sum is {answer}.\n\n\\boxed{{{answer}}}"})
     return train, test
+
+
+# -----------------------------------------------------------------------------
+# Asking a teacher: a client for any OpenAI-compatible chat-completions server (OpenRouter, vLLM, SGLang,
+# Ollama's /v1, llama.cpp's server), used by evaluate.py generate --api_base from several threads. Faults are
+# retried with exponential backoff and jitter; what retrying cannot fix stops the run with one line saying
+# what to fix. The API key is read from the environment and never printed or written anywhere.
+
+RETRY_BASE_S, RETRY_CAP_S, RETRY_AFTER_CAP_S = 2.0, 60.0, 600.0
+
+
+class ServerError(ValueError):
+    """An answer retrying cannot fix (refused key, unknown model, bad request, no server): stop the run."""
+
+
+class GaveUp(RuntimeError):
+    """One request failed every try: its answer is left for a later --resume."""
+
+
+class Retry(Exception):
+    def __init__(self, why, wait=None):
+        super().__init__(why)
+        self.wait = wait  # seconds the server asked for (429 Retry-After), else None: back off
+
+
+@dataclass
+class Reply:
+    content: str
+    reasoning: str  # the thinking, where the server splits it off ("" where it does not)
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ChatServer:
+    def __init__(self, api_base, model, key_env="OPENAI_API_KEY", timeout=600.0, tries=8):
+        import requests  # imported where used: only API runs need it
+        self.requests, self.model, self.timeout, self.tries = requests, model, timeout, tries
+        self.key_env = key_env
+        base = api_base.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self._key = os.environ.get(key_env) or None
+        self.sessions = threading.local()  # one connection pool per thread
+        self.answered = False  # once a request succeeded, a refused connection is a restart: retried
+
+    def complete(self, prompt, max_tokens, sampling, seed=None):
+        """The server's Reply to one user message, after as many tries as transient faults need."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "stream": False}
+        if sampling.top_k:
+            body["top_k"] = sampling.top_k
+        if sampling.temperature > 0 and seed is not None:
+            body["seed"] = seed  # reproducible samples where the server supports it (vLLM, OpenAI, Ollama)
+        for attempt in range(self.tries):
+            try:
+                return self._request(body)
+            except Retry as e:
+                why = e
+                if attempt + 1 < self.tries:  # exponential backoff with full jitter, or what 429 asked for
+                    time.sleep(e.wait if e.wait is not None else
+                               random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt)))
+        raise GaveUp(f"{self.tries} tries failed, the last: {why}")
+
+    def _request(self, body):
+        requests = self.requests
+        session = getattr(self.sessions, "session", None) or requests.Session()
+        self.sessions.session = session
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        try:
+            r = session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+        except requests.Timeout:
+            raise Retry(f"no answer within --timeout {self.timeout:g} s") from None
+        except requests.ConnectionError as e:
+            refused = "NewConnectionError" in repr(e) or "Connection refused" in str(e)
+            if refused and not self.answered:
+                raise ServerError(f"no server answers at {self.url}: start it first (e.g. `vllm serve "
+                                  "MODEL`, `ollama serve`, `llama-server`), or check --api_base") from None
+            raise Retry(f"connection error ({type(e).__name__})") from None
+        except requests.RequestException as e:  # a body cut short, a reset while reading it
+            raise Retry(f"connection broken ({type(e).__name__})") from None
+        if r.status_code == 429:
+            raise Retry("HTTP 429 (rate limited)", _retry_after(r.headers.get("Retry-After")))
+        if r.status_code >= 500 or r.status_code in (408, 409, 425):
+            raise Retry(f"HTTP {r.status_code}")
+        if r.status_code != 200:
+            raise ServerError(self._explain(r))
+        try:
+            reply = r.json()
+            choice = reply["choices"][0]
+            message = choice["message"]
+            content = message.get("content") or ""
+            reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+            if not isinstance(content, str) or not isinstance(reasoning, str):
+                raise TypeError("content or reasoning is not text")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise Retry(f"invalid response body ({type(e).__name__})") from None
+        usage = reply.get("usage") or {}
+        self.answered = True
+        return Reply(content, reasoning, choice.get("finish_reason") or "stop",
+                     int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    def _explain(self, r):
+        """One line for an answer that retrying cannot fix: what the server said and what to do."""
+        try:
+            said = r.json().get("error") or r.json()
+            said = said.get("message", said) if isinstance(said, dict) else said
+        except ValueError:
+            said = r.text
+        said = self.scrub(" ".join(str(said).split())[:300])
+        if r.status_code in (401, 403):
+            fix = (f"the server refused the API key: put a valid one in ${self.key_env} (or name another "
+                   "variable with --api_key_env)" if self._key else
+                   f"the server wants an API key: set ${self.key_env} (or name the variable with "
+                   "--api_key_env)")
+        elif r.status_code == 404 or "model" in said.lower():
+            fix = f"check --api_model {self.model} (is it served there?) and --api_base (it ends in /v1)"
+        else:
+            fix = "the server rejected the request: check --max_new_tokens and the sampling flags"
+        return f"{self.url}: HTTP {r.status_code} ({said}): {fix}"
+
+    def scrub(self, text):
+        """Text from the server or an exception, with the key blanked out should it ever appear."""
+        return text.replace(self._key, "***") if self._key else text
+
+
+def _retry_after(value):
+    """Seconds from a Retry-After header (seconds or an HTTP date), capped; None without one."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def split_thinking(text):
+    """(thinking, final answer) of a model's text: a <think>...</think> block is the thinking (an unclosed one
+    runs to the end: the answer never came); without one, all of it is the answer."""
+    start = text.find("<think>")
+    if start < 0:
+        end = text.find("</think>")  # chat templates may put <think> in the prompt: only its end shows
+        return (text[:end].strip(), text[end + len("</think>"):].strip()) if end >= 0 else ("", text.strip())
+    end = text.find("</think>", start)
+    if end < 0:
+        return text[start + len("<think>"):].strip(), ""
+    return text[start + len("<think>"):end].strip(), (text[:start] + text[end + len("</think>"):]).strip()
 
 
 # -----------------------------------------------------------------------------

@@ -10,15 +10,19 @@ MATH-500 evaluation: generate answers (greedy, or sampled with error bars) and g
 The checker (part 1) never evaluates model text as code: answers are parsed by a small recursive-descent
 parser into sympy objects, with limits on length, nesting, number sizes and powers, and a time limit.
 """
+import ctypes
+import itertools
 import json
 import math
+import queue
 import re
-import signal
+import shlex
 import sys
 import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import sympy
@@ -36,7 +40,8 @@ MAX_ANSWER_CHARS = 1000   # longer answers are compared as strings only
 MAX_NUMBER_DIGITS = 200   # longer number literals are not parsed
 MAX_DEPTH = 60            # parser nesting limit
 MAX_RESULT_DIGITS = 400   # refuse powers / factorials whose value would be larger
-TIME_LIMIT_S = 1.0        # per comparison, where a SIGALRM timer is available
+MAX_BOXES = 100           # unbalanced boxes passed over, looking back for boxes to join
+TIME_LIMIT_S = 1.0        # per answer graded, extraction included, in any thread
 
 # -----------------------------------------------------------------------------
 # Extraction
@@ -50,30 +55,37 @@ RE_BETWEEN_BOXES = re.compile(r"(?:\s|[,;$.]|\\[()\[\],;]|\\q?quad|\\text\{\s*(?
 # "The final answer is $\frac{2}{7}$." (Minerva style), "Final Answer: the largest $n$ is 34."
 RE_ANSWER_IS = re.compile(r"(?:final answer|the answer)(?: is|:)", re.I)
 RE_MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$([^$\n]+?)\$|\\\((.+?)\\\)", re.S)
+RE_BRACE, RE_SPACES, RE_TOKEN = re.compile(r"[{}]"), re.compile(r"\s*"), re.compile(r"[^\s$]+")
 
 
-def _braced(text, start):
-    """Content of the {...} group opening at text[start], or None if unbalanced."""
+def _braced(text, start, limit=None):
+    """Content of the {...} group opening at text[start]; None if it does not close (within `limit`
+    characters when given)."""
     depth = 0
-    for m in re.compile(r"[{}]").finditer(text, start):
+    end = len(text) if limit is None else min(len(text), start + limit + 2)
+    for m in RE_BRACE.finditer(text, start, end):
         depth += 1 if m.group() == "{" else -1
         if depth == 0:
             return text[start + 1:m.start()]
     return None
 
 
-def _boxes(text):
-    """(start, end, content) of each \\boxed{..} / \\fbox{..} / \\boxed 5; content None if unbalanced."""
-    found = []
-    for m in re.finditer(r"\\(?:boxed|fbox)", text):
-        pos = re.compile(r"\s*").match(text, m.end()).end()
+def _boxes_from_end(text):
+    """(start, end, content) of each \\boxed{..} / \\fbox{..} / \\boxed 5, the last first; content None when
+    unbalanced. Found by searching backwards and read only as far as a box's own closing brace (at most
+    MAX_ANSWER_CHARS on), so a caller that stops after a few boxes reads a few boxes' worth of text, however
+    long the answer or deep its nesting."""
+    found = {name: text.rfind(name) for name in ("\\boxed", "\\fbox")}
+    while (start := max(found.values())) >= 0:
+        name = max(found, key=found.get)
+        found[name] = text.rfind(name, 0, start)
+        pos = RE_SPACES.match(text, start + len(name)).end()
         if text.startswith("{", pos):
-            content = _braced(text, pos)
-            found.append((m.start(), pos + len(content or "") + 2, content))
-        elif pos > m.end():  # "\boxed 5": one space-separated token
-            token = re.compile(r"[^\s$]+").match(text, pos)
-            found.append((m.start(), token.end() if token else pos, token and token.group()))
-    return found
+            content = _braced(text, pos, MAX_ANSWER_CHARS)
+            yield start, pos + len(content or "") + 2, content
+        elif pos > start + len(name):  # "\boxed 5": one space-separated token
+            token = RE_TOKEN.match(text, pos, pos + MAX_ANSWER_CHARS)
+            yield start, token.end() if token else pos, token and token.group()
 
 
 def has_box(text):
@@ -82,24 +94,36 @@ def has_box(text):
 
 def extract_answer(text):
     """The final answer in a model output, None if there is nothing to grade:
-    1. the last \\boxed{..} (an earlier one if the last is unbalanced), joined with the boxes just before it
-       when only separators stand between them ("\\boxed{2} and \\boxed{3}" is the list 2, 3), unless a
-       "the final answer is" comes after it;
+    1. the last \\boxed{..} (an earlier one of the last three if it is unbalanced), joined with the boxes
+       just before it when only separators stand between them ("\\boxed{2} and \\boxed{3}" is the list 2, 3),
+       unless a "the final answer is" comes after it;
     2. without a box, the sentence after the last "the final answer is" / "the answer is" (else the whole
        text), and in it: all of it if it is a short bare answer ("\\frac{1}{2}"), else whichever comes last of
-       the math in $..$, \\(..\\), \\[..\\] and the numbers standing on their own."""
+       the math in $..$, \\(..\\), \\[..\\] and the numbers standing on their own, in its last
+       MAX_ANSWER_CHARS characters.
+    A box that does not close within MAX_ANSWER_CHARS characters counts as unbalanced. Linear in the text's
+    length: boxes are read from the end, and only as many as the answer needs."""
     if not isinstance(text, str) or not text.strip():
         return None
-    boxes, stated = _boxes(text), list(RE_ANSWER_IS.finditer(text))
-    closed = [b for b in boxes[-3:] if b[2] is not None]
-    if closed and not (stated and stated[-1].start() > closed[-1][1]):  # "the final answer is" after it wins
-        group = [closed[-1]]
-        for box in reversed([b for b in boxes if b[1] <= group[0][0] and b[2] is not None]):
-            if not RE_BETWEEN_BOXES.fullmatch(text, box[1], group[0][0]):
+    boxes, stated = _boxes_from_end(text), list(RE_ANSWER_IS.finditer(text))
+    last = list(itertools.islice(boxes, 3))
+    closed = [b for b in last if b[2] is not None]
+    if closed and not (stated and stated[-1].start() > closed[0][1]):  # "the final answer is" after it wins
+        group, length, passed = [closed[0]], len(closed[0][2]), 0
+        for box in itertools.chain(last[last.index(closed[0]) + 1:], boxes):
+            if box[2] is None or box[1] > group[-1][0]:  # unbalanced, or around the group: look further back
+                passed += 1
+                if passed > MAX_BOXES:
+                    break
+                continue
+            if group[-1][0] - box[1] > 200 or not RE_BETWEEN_BOXES.fullmatch(text, box[1], group[-1][0]):
                 break
-            group.insert(0, box)
-        return ", ".join(b[2].strip().strip("$").strip() for b in group)
-    if boxes and not closed:
+            group.append(box)
+            length += len(box[2]) + 2
+            if length > MAX_ANSWER_CHARS:  # longer than any answer: it will be compared as text
+                break
+        return ", ".join(b[2].strip().strip("$").strip() for b in reversed(group))
+    if last and not closed:
         return None  # boxed, but never closed: no answer rather than a guess
     if stated:  # the rest of that sentence
         text = re.split(r"\.(?:\s|$)|\n\n|I hope", text[stated[-1].end():])[0]
@@ -109,6 +133,7 @@ def extract_answer(text):
     if len(bare) <= 60 and "\n" not in bare and "$" not in bare and \
             not re.search(r"[a-zA-Z]{4,}", re.sub(r"\\[a-zA-Z]+", "", bare)):
         return bare or None
+    text = text[-MAX_ANSWER_CHARS:]  # the math regexes are quadratic on unclosed delimiters: a bounded tail
     maths = [(m.start(), next(g for g in m.groups() if g).strip()) for m in RE_MATH.finditer(text)]
     outside = RE_MATH.sub(lambda m: " " * len(m.group()), text)  # numbers inside math belong to the math
     numbers = [(m.start(), m.group()) for m in RE_NUMBER.finditer(outside)]
@@ -673,45 +698,65 @@ def answers_equal(pred, ref):
 
 @contextmanager
 def time_limit(seconds):
-    """Raise TimeoutError after `seconds` (a SIGALRM timer: main thread on Unix only; elsewhere no-op)."""
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
+    """Raise TimeoutError in this thread after `seconds`, whichever thread it is (a SIGALRM timer works in the
+    main thread only). A timer thread asks the interpreter to raise it between two bytecodes, as a signal
+    handler would: that stops Python code (sympy's), not one long C call, so the checker keeps those short by
+    construction (linear extraction, bounded lengths, nesting, number sizes)."""
+    thread, lock, state = threading.get_ident(), threading.Lock(), {"inside": True, "raised": False}
 
-    def on_alarm(signum, frame):
-        raise TimeoutError
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    def expire():
+        with lock:
+            if state["inside"]:
+                state["raised"] = _async_raise(thread, ctypes.py_object(TimeoutError)) == 1
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        with lock:  # expire() does nothing from here on, and a TimeoutError still on its way is withdrawn
+            state["inside"] = False
+            if state["raised"]:
+                _async_raise(thread, None)
+        timer.cancel()
+
+
+def _async_raise(thread, exception):
+    """Make `thread` raise `exception` at its next bytecode (None withdraws one not yet raised)."""
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), exception)
+
+
+def grade_output(model_output, reference, extract=extract_answer):
+    """(extracted answer, correct) for a model's full output: extraction and comparison within one time limit,
+    in any thread. Never raises, never runs model text."""
+    extracted = None
+    try:
+        with time_limit(TIME_LIMIT_S):
+            extracted = extract(model_output)
+            correct = isinstance(extracted, str) and isinstance(reference, str) and \
+                answers_equal(extracted, reference)
+        return extracted, bool(correct)
+    except (Exception, TimeoutError):  # pathological input (too big, too deep, too slow) is simply wrong
+        return extracted, False
 
 
 def grade(extracted, reference):
-    """True when an extracted answer equals the reference. Never raises, never runs model text."""
-    if not isinstance(extracted, str) or not isinstance(reference, str):
-        return False
-    try:
-        with time_limit(TIME_LIMIT_S):
-            return bool(answers_equal(extracted, reference))
-    except (Exception, TimeoutError):  # pathological input (too big, too deep, too slow) is simply wrong
-        return False
+    """True when an answer already extracted equals the reference."""
+    return grade_output(extracted, reference, extract=lambda answer: answer)[1]
 
 
 def is_correct(model_output, reference):
     """Grade a model's full output against a reference answer."""
-    return grade(extract_answer(model_output), reference)
+    return grade_output(model_output, reference)[1]
 
 
 # =============================================================================
-# Part 2: running an evaluation. The steps, as in the reference chapter: 1. load the model and its tokenizer,
-# 2. render each problem's prompt, 3. generate the answers, 4. extract and grade each one as it completes,
-# 5. summarise: accuracy with error bars, by subject and level, and what went wrong.
+# Part 2: answering problems, with a local model (evaluation, or a local teacher) or through a server (a
+# teacher behind an OpenAI-compatible API). The steps, as in the reference chapter: 1. the model and its
+# tokenizer, 2. each problem's prompt, 3. the answers, 4. each one graded as it completes and written at once,
+# 5. the summary: accuracy with error bars, by subject and level, and what went wrong.
 
-CHECKER_VERSION = 3  # raised whenever grading changes; part of every summary's protocol
+CHECKER_VERSION = 4  # raised whenever grading changes; part of every summary's protocol
 LOOP_WINDOW, LOOP_PERIOD = 200, 50  # an answer "loops" when its last 200 tokens repeat a block of <= 50
 
 
@@ -722,16 +767,33 @@ def ends_in_loop(ids, window=LOOP_WINDOW, max_period=LOOP_PERIOD):
     return len(tail) == window and any(tail[p:] == tail[:-p] for p in range(1, max_period + 1))
 
 
-def make_record(index, sample, row, ids, tok, budget=None):
-    finished = bool(ids) and ids[-1] == tok.eos_token_id
-    text = tok.decode(ids[:-1] if finished else ids)
-    extracted = extract_answer(text)
+@dataclass
+class Answer:
+    """One answer, from either backend."""
+    text: str  # all the model wrote; a server's separate reasoning is put back in <think>...</think>
+    num_tokens: int
+    finish_reason: str  # "stop" (it ended by itself), "length" (the cap)...
+    seconds: float  # its own time: decoding (local), or the request with its retries (server)
+    ids: list = None  # a local model's tokens
+    thought_cut: bool = False
+    usage: dict = None  # a server's prompt_tokens and completion_tokens
+
+
+def make_record(index, sample, row, answer, tok):
+    """An answer's record: also a row of a teacher file (problem, gtruth_answer, message_thinking,
+    message_content), graded on its final answer (what follows the thinking)."""
+    thinking, content = data.split_thinking(answer.text)
+    extracted, correct = grade_output(content, str(row.get("answer")))
+    ids = answer.ids if answer.ids is not None else tok.encode(answer.text, chat_wrapped=False)
     return {"index": index, "sample": sample, "unique_id": row.get("unique_id"),
             "subject": row.get("subject"), "level": row.get("level"), "problem": row["problem"],
-            "gtruth_answer": row.get("answer"), "generated_text": text, "extracted": extracted,
-            "correct": grade(extracted, str(row.get("answer"))),
-            "num_tokens": len(ids), "truncated": not finished, "looped": ends_in_loop(ids),
-            "boxed": has_box(text), "thought_cut": budget is not None and budget.cut_at(ids) is not None}
+            "gtruth_answer": row.get("answer"), "message_thinking": thinking, "message_content": content,
+            "generated_text": answer.text, "extracted": extracted, "correct": correct,
+            "num_tokens": answer.num_tokens, "thinking_tokens": len(tok.encode(thinking, chat_wrapped=False)),
+            "content_tokens": len(tok.encode(content, chat_wrapped=False)),
+            "finish_reason": answer.finish_reason, "truncated": answer.finish_reason == "length",
+            "looped": ends_in_loop(ids), "boxed": has_box(content), "thought_cut": answer.thought_cut,
+            "seconds": round(answer.seconds, 3), **(answer.usage or {})}
 
 
 def sampling_settings(args):
@@ -754,13 +816,16 @@ def thinking_budget(args, tok):
 
 def protocol(args, tok, dtype, sampling):
     """Everything that decides the numbers: every summary states it, and --resume insists on it."""
-    return {"model": str(args.checkpoint_path or args.model), "tokenizer": tok.kind,
-            "data": str(args.data_path or "MATH-500"), "dataset_size": args.dataset_size,
-            "max_new_tokens": args.max_new_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed,
-            "num_samples": args.num_samples, "thinking_budget": args.thinking_budget,
+    model = f"{args.api_model} at {args.api_base}" if args.api_base else \
+        str(args.checkpoint_path or args.model)
+    return {"model": model, "tokenizer": tok.kind, "prompt": "reference" if args.prompt_template is None
+            else args.prompt_template, "data": str(args.data_path or "math500"),
+            "dataset_size": args.dataset_size, "max_new_tokens": args.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "seed": sampling.seed, "num_samples": args.num_samples, "thinking_budget": args.thinking_budget,
             "answer_budget": args.answer_budget if args.thinking_budget else None,
-            "dtype": str(dtype).replace("torch.", ""), "checker": CHECKER_VERSION}
+            "dtype": "server" if args.api_base else str(dtype).replace("torch.", ""),
+            "checker": CHECKER_VERSION}
 
 
 def describe_protocol(p):
@@ -773,36 +838,83 @@ def describe_protocol(p):
     return f"{decoding}{samples}, max {p.get('max_new_tokens')} tokens{budget}, checker v{p.get('checker')}"
 
 
-def generate_records(args, model, tok, rows, todo, out_file, sampling, budget, quiet=False):
-    """3-4. Generate an answer for each (problem, sample) in todo, grade it and append its record to out_file
-    as soon as it is complete. Returns (records, seconds)."""
-    prompts = {i: tok.encode(data.render_prompt(rows[i]["problem"])) for i, _ in todo}
+def local_answers(args, model, tok, prompts, todo, sampling, budget):
+    """3. A local model's answers to todo's (problem, sample) pairs, as they complete: ((i, s), Answer)."""
+    prompts = {i: tok.encode(prompt) for i, prompt in prompts.items()}
     # similar prompt lengths enter the batch together (less padding), a problem's samples too (one prefill)
     todo = sorted(todo, key=lambda pair: (len(prompts[pair[0]]), pair))
-    bar = qwen3.Progress(len(todo), "generate", unit="answers", quiet=quiet)
-    start, records, answers = time.time(), [], {}
-    stream = qwen3.generate_stream(model, [prompts[i] for i, _ in todo], args.max_new_tokens,
-                                   tok.eos_token_id, batch_size=args.batch_size, sampling=sampling, keys=todo,
-                                   budget=budget)
+    tokens, started = {}, {}
+    for j, token, done in qwen3.generate_stream(model, [prompts[i] for i, _ in todo], args.max_new_tokens,
+                                                tok.eos_token_id, batch_size=args.batch_size,
+                                                sampling=sampling, keys=todo, budget=budget):
+        started.setdefault(j, time.time())
+        tokens.setdefault(j, []).append(token)
+        if done:
+            ids = tokens.pop(j)
+            finished = ids[-1] == tok.eos_token_id
+            yield todo[j], Answer(tok.decode(ids[:-1] if finished else ids), len(ids),
+                                  "stop" if finished else "length", time.time() - started.pop(j), ids,
+                                  budget is not None and budget.cut_at(ids) is not None)
+
+
+def server_answers(args, server, prompts, todo, sampling):
+    """3. A server's answers, --num_workers requests in flight, as they complete: ((i, s), Answer), or
+    ((i, s), error) for a request that failed every try or one that stops the run (data.ServerError)."""
+    jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
+    for pair in todo:
+        jobs.put(pair)
+
+    def work():
+        while not stop.is_set():
+            try:
+                i, s = jobs.get_nowait()
+            except queue.Empty:
+                return
+            start = time.time()
+            seed = sampling.stream((i, s)).randrange(2**31)  # the pair's own, as a local model's stream
+            try:
+                reply = server.complete(prompts[i], args.max_new_tokens, sampling, seed)
+            except (data.ServerError, data.GaveUp) as error:
+                results.put(((i, s), error))
+                continue
+            text = reply.content  # where the server split the thinking off, it goes back in <think>..</think>
+            if reply.reasoning:
+                text = f"<think>\n{reply.reasoning}\n</think>\n\n{reply.content}"
+            usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+            results.put(((i, s), Answer(text, reply.completion_tokens, reply.finish_reason,
+                                        time.time() - start, usage=usage)))
+    # daemon threads: on Ctrl-C or a fatal error the requests in flight are dropped, not waited for
+    for _ in range(min(args.num_workers, len(todo))):
+        threading.Thread(target=work, daemon=True).start()
     try:
-        for j, token, finished in stream:
-            answers.setdefault(j, []).append(token)
-            if finished:
-                (i, s), ids = todo[j], answers.pop(j)
-                record = make_record(i, s, rows[i], ids, tok, budget)
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out_file.flush()
-                records.append(record)
-                bar.update(1)
-    except (torch.OutOfMemoryError, KeyboardInterrupt) as stop:
-        why = "interrupted"
-        if isinstance(stop, torch.OutOfMemoryError):
-            why = ("error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) "
-                   "positions): lower --batch_size")
-        raise SystemExit(f"{why}; the {len(records)} finished answers are kept in {out_file.name}, "
-                         "continue with --resume") from None
+        for _ in todo:
+            yield results.get()
+    finally:
+        stop.set()  # no new requests
+
+
+def generate_records(answers, rows, tok, out_file, total, quiet=False):
+    """4. Grade each answer as it completes and append its record to out_file at once (a kill loses at most
+    the line being written, which --resume detects and redoes). Returns (records, seconds, requests given
+    up)."""
+    bar = qwen3.Progress(total, "generate", unit="answers", quiet=quiet)
+    start, records, gave_up, correct, tokens = time.time(), [], [], 0, 0
+    for (i, s), answer in answers:
+        if isinstance(answer, data.ServerError):
+            raise answer
+        if isinstance(answer, data.GaveUp):
+            gave_up.append(f"problem {i} sample {s}: {answer}")
+        else:
+            record = make_record(i, s, rows[i], answer, tok)
+            out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out_file.flush()
+            records.append(record)
+            correct, tokens = correct + record["correct"], tokens + record["num_tokens"]
+        bar.update(1, f"{correct}/{len(records)} correct ({100 * correct / max(len(records), 1):.1f}%), "
+                      f"{tokens / max(time.time() - start, 1e-9):,.0f} tokens/s"
+                      + (f", {len(gave_up)} given up" if gave_up else ""))
     bar.close()
-    return records, time.time() - start
+    return records, time.time() - start, gave_up
 
 
 def run_generation(args):
@@ -810,15 +922,17 @@ def run_generation(args):
     the problems into its own part file; the first merges them into --out and writes the summary."""
     rank, world_size, device = qwen3.init_processes(args.device, group=False)  # no collectives: files only
     out = Path(args.out)
-    rows = load_problems(args)
-    if out.exists() and out.stat().st_size and not args.resume:
-        raise ValueError(f"{out} exists: add --resume to continue it, or choose another --out")
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-    # 1. the model and its tokenizer
+    rows = data.load_problems(args.data_path, args.cache_dir)[:args.dataset_size]
+    template = read_template(args.prompt_template)
+    check_generation_args(args, out, world_size)
+    # 1. the model and its tokenizer; or a server, and the student's tokenizer to measure its answers with
     dtype = qwen3.pick_dtype(args.dtype, device)
-    model, tok = qwen3.load(args.checkpoint_path or args.model, args.which_model, device, dtype,
-                            args.cache_dir)
+    if args.api_base:
+        server = data.ChatServer(args.api_base, args.api_model, args.api_key_env, args.timeout, args.tries)
+        tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
+    else:
+        model, tok = qwen3.load(args.checkpoint_path or args.model, args.which_model, device, dtype,
+                                args.cache_dir)
     sampling, budget = sampling_settings(args), thinking_budget(args, tok)
     settings = protocol(args, tok, dtype, sampling)
     summary_path = summary_path_of(out)
@@ -837,16 +951,29 @@ def run_generation(args):
     previous_part = read_records(part) if args.resume and part != out and part.exists() else []
     done = {(r["index"], r.get("sample", 0)) for r in previous + previous_part}
     todo = [(i, s) for i in sorted(mine) for s in range(args.num_samples) if (i, s) not in done]
+    prompts = {i: data.render_prompt(rows[i]["problem"], template) for i, _ in todo}
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        print(f"device {device} ({settings['dtype']}) x {world_size} processes, model {settings['model']}, "
-              f"tokenizer {tok.kind}: {describe_protocol(settings)}; {len(rows)} problems")
+        where = f"server {server.url}, {args.num_workers} requests in flight" if args.api_base else \
+            f"device {device} ({settings['dtype']}) x {world_size} processes"
+        print(f"{where}, model {settings['model']}, tokenizer {tok.kind}: {describe_protocol(settings)}; "
+              f"{len(rows)} problems, {len(todo)} answers to make")
         summary_path.write_text(json.dumps({"protocol": settings, "complete": False}, indent=2))
     done_flag.unlink(missing_ok=True)
-    kept = previous if part == out else previous_part
-    with open(part, "w", encoding="utf-8") as f:  # rewrite without a cut-off last line, then append
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-        new, wall = generate_records(args, model, tok, rows, todo, f, sampling, budget, quiet=rank > 0)
+    write_records(part, previous if part == out else previous_part)  # without a cut-off last line
+    answers = server_answers(args, server, prompts, todo, sampling) if args.api_base else \
+        local_answers(args, model, tok, prompts, todo, sampling, budget)
+    # 3-4. the answers, graded and written as they complete
+    with open(part, "a", encoding="utf-8") as f:
+        try:
+            new, wall, gave_up = generate_records(answers, rows, tok, f, len(todo), quiet=rank > 0)
+        except (torch.OutOfMemoryError, KeyboardInterrupt) as stop:
+            why = "interrupted" if isinstance(stop, KeyboardInterrupt) else (
+                "error: out of memory (the KV cache holds batch_size x (longest prompt + max_new_tokens) "
+                "positions): lower --batch_size")
+            f.flush()
+            raise SystemExit(f"{why}; the {len(read_records(part))} finished answers are kept in {part}; "
+                             f"continue with: {continue_command(args)}") from None
     if rank > 0:
         return done_flag.touch()
     records = previous + new
@@ -864,18 +991,48 @@ def run_generation(args):
             p.with_suffix(".done").unlink(missing_ok=True)
             if p != out:
                 p.unlink()
+    if args.teacher_json:  # the reference's teacher-file format, to share
+        teacher = [{k: r[k] for k in ("problem", "gtruth_answer", "message_thinking", "message_content")}
+                   for r in records]
+        Path(args.teacher_json).write_text(json.dumps(teacher, indent=1, ensure_ascii=False),
+                                           encoding="utf-8")
+        print(f"wrote {len(teacher)} teacher rows to {args.teacher_json}")
     # 5. the summary
-    return finish(args, records, wall, settings, out)
+    summary = finish(args, records, wall, settings, out, complete=not gave_up)
+    if gave_up:
+        print(f"{len(gave_up)} answers failed every try ({gave_up[-1]}): run the same command with --resume "
+              "to ask for them again", file=sys.stderr)
+    return summary
 
 
-def load_problems(args):
-    rows = data.load_math500(args.data_path, args.cache_dir)[:args.dataset_size]
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)
-                or not isinstance(r.get("problem"), str) or "answer" not in r), None)
-    if bad is not None:
-        raise ValueError(f"{args.data_path or 'MATH-500'}: row {bad} lacks a 'problem' string or an 'answer' "
-                         "(MATH-500 schema)")
-    return rows
+def read_template(template):
+    """--prompt_template: the text itself or a file holding it; None is the reference's template."""
+    if template is None:
+        return data.PROMPT_TEMPLATE
+    text = Path(template).read_text(encoding="utf-8") if Path(template).is_file() else template
+    if "{problem}" not in text:
+        raise ValueError("--prompt_template needs {problem} where the problem goes")
+    return text
+
+
+def check_generation_args(args, out, world_size):
+    if out.exists() and out.stat().st_size and not args.resume:
+        raise ValueError(f"{out} exists: add --resume to continue it, or choose another --out")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if bool(args.api_base) != bool(args.api_model):
+        raise ValueError("a server needs both --api_base (e.g. http://localhost:8000/v1) and --api_model")
+    if args.api_base and (args.checkpoint_path or args.thinking_budget or world_size > 1):
+        raise ValueError("--api_base asks a server: --checkpoint_path, --thinking_budget and torchrun are "
+                         "for a local model (more requests in flight: --num_workers)")
+    if args.num_workers < 1 or args.timeout <= 0 or args.tries < 1:
+        raise ValueError("--num_workers and --tries must be >= 1 and --timeout > 0")
+
+
+def continue_command(args):
+    """The command line that continues this run (it holds no key: keys live in the environment)."""
+    argv = [a for a in args.argv if a != "--resume"]
+    return "python evaluate.py " + " ".join(map(shlex.quote, [*argv, "--resume"]))
 
 
 def grade_file(args):
@@ -889,18 +1046,18 @@ def grade_file(args):
     records = []
     for i, row in enumerate(rows):
         text, ref = row.get(args.generated_text), row.get(args.gtruth_answer)
-        extracted = extract_answer(text) if isinstance(text, str) else None
+        extracted, correct = grade_output(text, str(ref))
         records.append({"index": i, "sample": 0, "subject": row.get("subject"), "level": row.get("level"),
                         "gtruth_answer": ref, "generated_text": text, "extracted": extracted,
-                        "correct": grade(extracted, str(ref)),
-                        "boxed": isinstance(text, str) and has_box(text)})
+                        "correct": correct, "boxed": isinstance(text, str) and has_box(text)})
     out = Path(args.out)
     write_records(out, records)
     return finish(args, records, None, {"data": args.json_path, "checker": CHECKER_VERSION}, out)
 
 
-def finish(args, records, wall_time_s, settings, out):
-    summary = summarize(records, wall_time_s, settings)
+def finish(args, records, wall_time_s, settings, out, complete=True):
+    summary = {**summarize(records, wall_time_s, settings, getattr(args, "price_in", None),
+                           getattr(args, "price_out", None)), "complete": complete}
     print_summary(summary)
     summary_path_of(out).write_text(json.dumps(summary, indent=2))
     print(f"wrote {out} and {summary_path_of(out)}")
@@ -914,8 +1071,11 @@ def summary_path_of(out):
 
 
 def write_records(path, records):
+    """Atomic: a temp file, then a rename (a kill while writing leaves the old file whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_records(path):
@@ -990,10 +1150,11 @@ def accuracy_stats(by_problem):
     return stats
 
 
-def summarize(records, wall_time_s=None, settings=None):
+def summarize(records, wall_time_s=None, settings=None, price_in=None, price_out=None):
     """Accuracy (pass@1) with error bars, pass@k and maj@N with several samples, all by subject and level
     too; response lengths and the shares of answers that hit the cap, loop, have no box or had their thought
-    cut."""
+    cut; token lengths per field; from a server, its token counts and (given $ per million tokens) the
+    cost."""
     problems = defaultdict(list)
     for r in records:
         problems[r["index"]].append(r)
@@ -1012,7 +1173,22 @@ def summarize(records, wall_time_s=None, settings=None):
         summary["avg_response_tokens"] = tokens / len(records)
         if wall_time_s:
             summary.update(wall_time_s=wall_time_s, tokens_per_sec=tokens / wall_time_s)
+    fields = [f for f in ("thinking_tokens", "content_tokens", "num_tokens") if records and f in records[0]]
+    summary["lengths"] = {f: length_stats([r[f] for r in records]) for f in fields}
+    if records and "completion_tokens" in records[0]:  # the server's counts: what it bills
+        usage = {k: sum(r[k] for r in records) for k in ("prompt_tokens", "completion_tokens")}
+        if price_in is not None and price_out is not None:
+            usage["cost_usd"] = (usage["prompt_tokens"] * price_in
+                                 + usage["completion_tokens"] * price_out) / 1e6
+            usage["cost_usd_per_1000_answers"] = 1000 * usage["cost_usd"] / len(records)
+        summary["usage"] = usage
     return {**summary, "protocol": settings or {}, "complete": True}
+
+
+def length_stats(lengths):
+    ordered = sorted(lengths)
+    return {"average": sum(ordered) / len(ordered), "median": ordered[len(ordered) // 2], "min": ordered[0],
+            "max": ordered[-1]}
 
 
 def print_summary(s):
@@ -1032,6 +1208,15 @@ def print_summary(s):
               f"{100 * (1 - s['boxed_share']):.1f}% have no box, {100 * s['thought_cut_share']:.1f}% had "
               "their thought cut" + (f"; {s['wall_time_s']:.0f} s, {s['tokens_per_sec']:.0f} tokens/s"
                                      if "wall_time_s" in s else ""))
+    if s.get("lengths"):
+        print("  tokens (student's tokenizer)  average  median      min      max")
+        for field, st in s["lengths"].items():
+            print(f"  {field:<28} {st['average']:8.0f} {st['median']:7} {st['min']:8} {st['max']:8}")
+    if "usage" in s:
+        u = s["usage"]
+        print(f"  server tokens: {u['prompt_tokens']:,} in, {u['completion_tokens']:,} out"
+              + (f"; cost ${u['cost_usd']:.2f} (${u['cost_usd_per_1000_answers']:.2f} per 1,000 answers)"
+                 if "cost_usd" in u else " (--price_in/--price_out for the cost)"))
     if s["protocol"].get("max_new_tokens"):
         print(f"  protocol: {describe_protocol(s['protocol'])}")
 
@@ -1058,12 +1243,15 @@ def cross_check(records):
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, generate="answer MATH-500 (or a file in its schema) and grade the answers",
+    p, sub = qwen3.parser(__doc__, default="generate",
+                          generate="answer MATH-500 (or a file in its schema) and grade the answers",
                           grade="grade answers already in a file (no model)")
     g = sub["generate"]
     qwen3.add_flags(g, "--model", "--which_model", "--checkpoint_path")
     a = g.add_argument
-    a("--data_path", default=None, help="a file in the MATH-500 schema (default: MATH-500, downloaded once)")
+    a("--data_path", default=None, help="problems: a set by name, downloaded once (math500, or math-train: "
+      "the 12,000 MATH problems outside MATH-500, the reference's teacher prompts), or a JSON/JSONL file of "
+      "rows with 'problem' and 'answer' (or 'gtruth_answer'); default: math500")
     a("--dataset_size", type=int, default=None, help="evaluate only the first N problems")
     a("--max_new_tokens", type=int, default=2048, help="the cap on an answer; the reference used 4096 for "
                                                       "distilled models")
@@ -1084,9 +1272,28 @@ def parse_args(argv=None):
            "--answer_budget more for the final answer (budget forcing: plain truncation would leave no "
            "answer)")
     a("--answer_budget", type=int, default=512, help="tokens for the final answer after a thought is cut")
-    a("--out", default="math500.jsonl", help="one JSON line per answer; the summary goes to OUT.summary.json")
+    a("--prompt_template", default=None, help="the prompt, with {problem} where the problem goes: the text "
+      "or a file holding it (default: the reference's template)")
+    a("--out", default="math500.jsonl", help="one JSON line per answer (also a teacher file for train.py "
+      "--data_path); the summary goes to OUT.summary.json")
+    a("--teacher_json", default=None, help="also write the answers as the reference's teacher file: a JSON "
+      "array of problem, gtruth_answer, message_thinking, message_content")
     a("--resume", action="store_true", help="continue a partial --out file with the same settings")
     qwen3.add_flags(g, "--device", "--dtype", "--cache_dir")
+    api = g.add_argument_group("a teacher behind an OpenAI-compatible server (OpenRouter, vLLM, SGLang, "
+                               "Ollama, llama.cpp) instead of a local model; --model then only names the "
+                               "tokenizer that measures the answers")
+    api.add_argument("--api_base", default=None, help="the server's base URL, e.g. "
+                     "https://openrouter.ai/api/v1 or http://localhost:8000/v1")
+    api.add_argument("--api_model", default=None, help="the model's name there, e.g. deepseek/deepseek-r1")
+    api.add_argument("--api_key_env", default="OPENAI_API_KEY", help="the environment variable holding the "
+                     "API key (none needed by a local server); the key is never printed or written")
+    api.add_argument("--num_workers", type=int, default=8, help="requests in flight")
+    api.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is retried")
+    api.add_argument("--tries", type=int, default=8, help="tries per answer (exponential backoff and jitter "
+                     "between them; 429 waits for Retry-After); an answer that fails all waits for --resume")
+    api.add_argument("--price_in", type=float, default=None, help="$ per million input tokens, for the cost")
+    api.add_argument("--price_out", type=float, default=None, help="$ per million output tokens")
     r = sub["grade"]
     r.add_argument("json_path", help="a JSON/JSONL file of rows with a reference answer and a generated text")
     r.add_argument("--gtruth_answer", default="gtruth_answer", help="the field holding the reference answer")
@@ -1095,11 +1302,12 @@ def parse_args(argv=None):
     for s in sub.values():
         s.add_argument("--cross_check", action="store_true",
                        help="also grade with math-verify (optional package) and list the disagreements")
-    return p.parse_args(argv)
+    return p.parse_args(qwen3.with_command(argv, sub, lambda argv: "generate"))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    args.argv = qwen3.with_command(argv, ("generate", "grade"), lambda argv: "generate")  # to print on Ctrl-C
     return grade_file(args) if args.cmd == "grade" else run_generation(args)
 
 

@@ -139,7 +139,8 @@ def save(fig, out, show):
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, loss="loss curves from metrics CSVs (train.py's or the reference's)",
+    p, sub = qwen3.parser(__doc__, default="the kind of chart its files call for (metrics CSVs: loss)",
+                          loss="loss curves from metrics CSVs (train.py's or the reference's)",
                           accuracy="accuracy bars from evaluate.py summaries",
                           lengths="answer-length histograms from evaluate.py records")
     inputs = {"loss": "metrics CSVs", "accuracy": "OUT.summary.json files", "lengths": "OUT.jsonl files"}
@@ -148,7 +149,16 @@ def parse_args(argv=None):
         s.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
         s.add_argument("--out", default=f"{name}.png", help="image file")
         s.add_argument("--show", action="store_true", help="also open a window (needs a display)")
-    return p.parse_args(argv)
+    return p.parse_args(qwen3.with_command(argv, sub, chart_for))
+
+
+def chart_for(argv):
+    """The chart a command line without one asks for, from its first file: `plot.py metrics.csv` is loss
+    curves, summaries an accuracy chart, records a length histogram."""
+    first = argv[0] if argv else ""
+    if first.endswith(".summary.json"):
+        return "accuracy"
+    return "lengths" if first.endswith(".jsonl") else "loss"
 
 
 def main(argv=None):

@@ -568,11 +568,13 @@ class Progress:
 
     def __init__(self, total=None, desc="", unit="it", scale=1, quiet=False):
         self.total, self.desc, self.unit, self.scale, self.quiet = total, desc, unit, scale, quiet
-        self.done, self.start, self.last = 0, time.time(), time.time()
+        self.done, self.start, self.last, self.status = 0, time.time(), time.time(), None
         self.tty = sys.stderr.isatty()
 
-    def update(self, n=1):
+    def update(self, n=1, status=None):
+        """n more done; status: a short text shown after the rate (e.g. live accuracy)."""
         self.done += n
+        self.status = status if status is not None else self.status
         now = time.time()
         due = now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total)
         if self.quiet or not due:
@@ -583,6 +585,7 @@ class Progress:
         eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
         line = (f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} "
                 f"({rate / self.scale:.1f} {self.unit}/s){eta}")
+        line += f" | {self.status}" if self.status else ""
         sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
         sys.stderr.flush()
 
@@ -919,15 +922,27 @@ FLAGS = {
 }
 
 
-def parser(doc, **subcommands):
-    """An argument parser showing defaults; with subcommands {name: help}: (parser, {name: subparser})."""
+def parser(doc, default=None, **subcommands):
+    """An argument parser showing defaults; with subcommands {name: help}: (parser, {name: subparser}).
+    default: what a command line without a subcommand means (see with_command)."""
     kind = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=kind)
+    description = doc.strip().splitlines()[0] + (f" Without a command: {default}." if default else "")
+    p = argparse.ArgumentParser(description=description, formatter_class=kind)
     if not subcommands:
         return p
     sub = p.add_subparsers(dest="cmd", required=True)
     return p, {name: sub.add_parser(name, help=h, description=h, formatter_class=kind)
                for name, h in subcommands.items()}
+
+
+def with_command(argv, commands, pick):
+    """argv with a subcommand first, where it has none: a script's main job needs no subcommand, as before
+    the subcommands came (`python evaluate.py --checkpoint_path runs/r1` is `evaluate.py generate ...`).
+    pick(argv): the command a line without one means."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]) or (argv and argv[0] in commands):
+        return argv
+    return [pick(argv), *argv]
 
 
 def add_flags(p, *names, registry=FLAGS, **overrides):

@@ -15,11 +15,12 @@ import argparse
 import csv
 import json
 import math
+import random
 import re
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ import data
 import qwen3
 
 CSV_COLUMNS = ["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s",
-               "train_ce", "train_kd"]
+               "train_ce", "train_kd", *(f"rollout_{k}" for k in ("len", "cut", "boxed", "kd")), "rollout_s",
+               "teacher_s", "update_s"]
 # flags that --resume accepts with a new value: they change where and how fast a run goes, not what it learns
 RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "epochs", "log_every", "cache_dir", "compile",
                      "grad_checkpointing", "teacher_device"}
@@ -45,6 +47,8 @@ def parse_args(argv=None, namespace=None):
     qwen3.add_flags(p, "--model", "--which_model", which_model=dict(default="reasoning"))
     qwen3.add_flags(p, "--data_path", "--use_think_tokens", "--max_seq_len", registry=data.DATA_FLAGS)
     a("--dataset_size", type=int, default=None, help="use only the first N rows of the file")
+    a("--only_correct", action="store_true", help="rejection sampling: keep only the rows whose "
+      "message_content the checker grades right against gtruth_answer (every correct sample of a problem)")
     a("--validation_size", type=int, default=25, help="held-out examples for the validation loss")
     a("--epochs", type=int, default=2)
     a("--lr", type=float, default=5e-6, help="AdamW learning rate (the peak, with a schedule)")
@@ -73,6 +77,15 @@ def parse_args(argv=None, namespace=None):
            "divergence with --jsd_beta")
     a("--jsd_beta", type=float, default=0.5, help="jsd: weight of the teacher in the mixture, in (0, 1)")
     a("--kd_temperature", type=float, default=1.0, help="soften both distributions; KD is scaled by T^2")
+    a("--on_policy", type=float, default=0.0, help="on-policy distillation: the share of each step's "
+      "examples whose answers the student writes itself, to be scored token by token by the --teacher (KD "
+      "only; --kd_loss reverse_kl recommended); 1 = all, and then a file of problems without teacher text "
+      "will do")
+    a("--rollout_temperature", type=float, default=1.0, help="on-policy: sampling temperature of the "
+      "student's answers (no top-p or top-k: its own distribution)")
+    a("--rollout_max_new_tokens", type=int, default=2048, help="on-policy: the cap on a student's answer "
+      "(keep it above the answers' length: the student must practise finishing)")
+    a("--samples_per_prompt", type=int, default=1, help="on-policy: answers the student writes per example")
     a("--dtype", default="auto", choices=["auto", *PRECISIONS],
       help="training precision. bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update "
            "kept); pure-bfloat16: everything in bfloat16 as the reference (small updates are rounded away); "
@@ -162,13 +175,14 @@ def plain_answer_loss(model, batch, example_weights, device):
     return (ce * torch.repeat_interleave(torch.tensor(example_weights, device=device), mask.sum(1))).sum()
 
 
-def token_weights(batch, step_examples, per_example_mean):
+def token_weights(batch, step_count, step_tokens, per_example_mean):
     """The weight of each answer token of each example of `batch`, such that the weighted sum over the whole
-    optimizer step is the mean over its answer tokens, or the mean of per-example means: so any split of a
-    step into micro-batches and processes trains exactly as one big batch."""
+    optimizer step (step_count examples, step_tokens answer tokens) is the mean over its answer tokens, or the
+    mean of per-example means: so any split of a step into micro-batches and processes trains exactly as one
+    big batch."""
     if per_example_mean:
-        return [1.0 / (len(step_examples) * answer_len(e)) for e in batch]
-    return [1.0 / sum(map(answer_len, step_examples))] * len(batch)
+        return [1.0 / (step_count * answer_len(e)) for e in batch]
+    return [1.0 / step_tokens] * len(batch)
 
 
 def answer_len(example):
@@ -203,11 +217,17 @@ class Teacher:
                              "Qwen3 models do)")
         self.device, self.args = teacher_device, args
         self.head = self.model.lm_head.weight.to(device)  # one copy next to the student's head
+        self.seconds = 0.0  # time in the teacher's forward passes (the on-policy log's teacher_s)
 
     def targets(self, batch, input_ids, mask):
+        start = time.time()
         with torch.no_grad():
             hidden = self.model.hidden_states(input_ids.to(self.device))[mask.to(self.device)]
-        return hidden.to(self.head.device)
+        hidden = hidden.to(self.head.device)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize(self.device)  # the time, not the time to queue the kernels
+        self.seconds += time.time() - start
+        return hidden
 
     def divergence(self, logits, hidden, rows):
         T = self.args.kd_temperature
@@ -264,25 +284,42 @@ def rank_share(batches, rank, world_size):
     return mine + [(batches[0], 0.0)] * (math.ceil(len(batches) / world_size) - len(mine))
 
 
-def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, autocast=None, soft=None):
+def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, autocast=None, soft=None,
+                     rollouts=None, epoch=1):
     """Loss and gradients of one optimizer step, this process's share of it. Returns this process's part of
-    the step's (cross-entropy, KD) losses and the tokens it trained on; summed over processes, they are the
-    step's loss and tokens (the gradients are summed by DDP/FSDP)."""
+    the step's (cross-entropy, KD) losses on teacher text, the tokens it trained on and, on-policy, the sums
+    of its rollouts (Rollouts.answer); summed over processes, they are the step's (the gradients are summed
+    by DDP)."""
+    share = [(batch, weight, False) for batch, weight in rank_share(micro_batches, rank, world_size)]
     step_examples = [e for batch in micro_batches for e in batch]
-    share = rank_share(micro_batches, rank, world_size)
+    step_count, step_tokens = len(step_examples), sum(map(answer_len, step_examples))
+    stats = {}
+    if rollouts:  # on-policy: the student first writes its own answers for its share's chosen examples
+        share, stats = rollouts.answer(model, share, epoch, device)
+        mine = [e for batch, weight, _ in share if weight for e in batch]  # the step's totals, all processes
+        step_count, step_tokens = qwen3.all_sum([len(mine), sum(map(answer_len, mine))], device)
     ce_sum = kd_sum = tokens = 0.0
-    for i, (batch, weight) in enumerate(share):
+    for i, (batch, weight, written) in enumerate(share):
         with _gradient_sync(model, i == len(share) - 1), autocast or nullcontext():
             # DDP and FSDP average gradients over processes: scale by world_size to sum them instead
             weights = [w * weight * world_size
-                       for w in token_weights(batch, step_examples, args.per_example_mean)]
+                       for w in token_weights(batch, step_count, step_tokens, args.per_example_mean)]
             ce_kd = answer_loss(model, batch, weights, device, soft)
-            loss = (1 - args.kd_weight) * ce_kd[0] + args.kd_weight * ce_kd[1] if soft else ce_kd[0]
+            if written:  # the student's own text: no cross-entropy, the teacher's score of every token
+                loss = ce_kd[1]
+            else:
+                loss = (1 - args.kd_weight) * ce_kd[0] + args.kd_weight * ce_kd[1] if soft else ce_kd[0]
         loss.backward()
         ce, kd = ce_kd.tolist()  # one host sync per micro-batch
-        ce_sum, kd_sum = ce_sum + ce / world_size, kd_sum + kd / world_size
+        if written:  # the KD sum is a share of the step's mean: undo the token weight to log it per token
+            stats.update(kd=stats["kd"] + kd / world_size, kd_per_token=stats["kd_per_token"]
+                         + kd * step_tokens / world_size)
+        else:
+            ce_sum, kd_sum = ce_sum + ce / world_size, kd_sum + kd / world_size
         tokens += weight * sum(len(e["token_ids"]) - 1 for e in batch)  # real tokens: padding is not counted
-    return ce_sum, kd_sum, tokens
+    if rollouts:
+        stats["teacher_s"], soft.seconds = soft.seconds, 0.0
+    return ce_sum, kd_sum, tokens, stats
 
 
 @contextmanager
@@ -301,7 +338,8 @@ def _gradient_sync(model, enabled):
 def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=None):
     """Mean over validation examples of each example's answer loss (the reference's val loss: cross-entropy
     only, so runs with and without a teacher compare)."""
-    if not val:
+    val = [e for e in val if data.has_teacher_text(e)]
+    if not val:  # (prompts without teacher text, on-policy, have no validation loss)
         return float("nan")
     model.eval()
     batches = [val[i:i + args.batch_size] for i in range(0, len(val), args.batch_size)]
@@ -333,6 +371,74 @@ def learning_rate(step, total_steps, args):
 
 
 # -----------------------------------------------------------------------------
+# On-policy distillation (GKD, with lambda = --on_policy): for a share of each step's examples the student
+# writes its own answers, and the loss on them is the KD term alone, from the teacher's scores of every token
+# the student wrote; the rest of the step learns from the teacher's text as above.
+
+
+class Rollouts:
+    """The student's answers for the chosen examples of a step: qwen3's batched generator (KV cache, no
+    gradients), sampled from the student's own distribution at --rollout_temperature. Each (epoch, example,
+    sample) draws from its own seeded stream, and whether an example is chosen is its own draw too, so neither
+    depends on the batch size or the number of processes, and a resumed run draws the same."""
+
+    def __init__(self, args, tok):
+        import evaluate  # has_box, for the log
+        self.args, self.tok, self.has_box = args, tok, evaluate.has_box
+        self.sampling = qwen3.Sampling(temperature=args.rollout_temperature, seed=args.seed)
+
+    def chosen(self, example, epoch):
+        return random.Random(f"{self.args.seed}/{epoch}/{example['row']}").random() < self.args.on_policy
+
+    def answer(self, model, share, epoch, device):
+        """The share [(batch, weight, written by the student)] with each chosen example of weight 1 replaced
+        by --samples_per_prompt answers of the student's, in micro-batches of their own; and their sums."""
+        chosen = [e for batch, weight, _ in share if weight for e in batch if self.chosen(e, epoch)]
+        keys = [(epoch, e["row"], s) for e in chosen for s in range(self.args.samples_per_prompt)]
+        prompts = [torch.as_tensor(e["token_ids"][:e["prompt_len"]]).tolist() for e in chosen
+                   for _ in range(self.args.samples_per_prompt)]
+        start = time.time()
+        student = getattr(model, "module", model)  # DDP's module: generating needs no gradient sync
+        student.eval()
+        answers = qwen3.generate(student, prompts, self.args.rollout_max_new_tokens, self.tok.eos_token_id,
+                                 sampling=self.sampling, keys=keys) if prompts else []
+        student.train()
+        written = {}
+        for (_, row, _), prompt, answer in zip(keys, prompts, answers):
+            ids = torch.tensor(prompt + answer, dtype=torch.int32)
+            written.setdefault(row, []).append({"token_ids": ids, "prompt_len": len(prompt), "row": row})
+        new = []
+        for batch, weight, _ in share:
+            mine = [e for e in batch if weight and e["row"] in written]
+            teacher_text = [e for e in batch if not (weight and e["row"] in written)]
+            new += [(teacher_text, weight, False)] if teacher_text else []
+            new += [([w for e in mine for w in written[e["row"]]], weight, True)] if mine else []
+        eos = self.tok.eos_token_id
+        stats = {"answers": len(answers), "tokens": sum(map(len, answers)), "kd": 0.0, "kd_per_token": 0.0,
+                 "cut": sum(a[-1] != eos for a in answers), "rollout_s": time.time() - start,
+                 "boxed": sum(self.has_box(self.tok.decode(a)) for a in answers)}
+        return new, stats
+
+
+def check_on_policy(args):
+    if not 0 <= args.on_policy <= 1:
+        raise ValueError(f"--on_policy is a share of each step's examples, in [0, 1]; got {args.on_policy}")
+    if not args.on_policy:
+        return
+    if args.teacher_logits:
+        raise ValueError("--on_policy needs an online --teacher: a --teacher_logits file holds the teacher's "
+                         "scores of its own text only, and cannot score the student's new answers")
+    if not args.teacher:
+        raise ValueError("--on_policy needs a --teacher to score the student's answers")
+    if args.fsdp:
+        raise ValueError("--on_policy with --fsdp is not supported: generating token by token, FSDP would "
+                         "gather every weight for every token on all processes in lockstep; use DDP (no "
+                         "--fsdp)")
+    if args.samples_per_prompt < 1 or args.rollout_max_new_tokens < 1:
+        raise ValueError("--samples_per_prompt and --rollout_max_new_tokens must be >= 1")
+
+
+# -----------------------------------------------------------------------------
 # Setting a run up: precision, data, model, processes, resume
 
 
@@ -348,11 +454,13 @@ def pick_precision(name, device):
 def load_examples(args, tok, say=print):
     """Tokenized, filtered, split examples, with every count printed; errors before any training work."""
     examples, skipped, num_rows = data.prepare_examples(args.data_path, tok, args.use_think_tokens,
-                                                        args.cache_dir)
+                                                        args.cache_dir, prompts_only=args.on_policy == 1)
     if args.dataset_size:
         examples = [e for e in examples if e["row"] < args.dataset_size]
         num_rows = min(num_rows, args.dataset_size)
     say(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}")
+    if args.only_correct:
+        examples = correct_only(examples, data.load_distill_data(args.data_path, args.cache_dir), say)
     if not examples:
         raise ValueError(f"no valid rows in {args.data_path} after preprocessing "
                          f"(skipped: {data.describe_skipped(skipped)})")
@@ -361,6 +469,16 @@ def load_examples(args, tok, say=print):
     train, val = data.split_examples(examples, args.validation_size, args.seed)
     say(f"split: {len(train)} train, {len(val)} validation")
     return train, val
+
+
+def correct_only(examples, rows, say=print):
+    """The examples whose teacher answer (message_content) is right: graded as evaluate.py grades."""
+    import evaluate  # sympy: only this needs it
+    right = [e for e in examples if evaluate.grade_output(rows[e["row"]].get("message_content"),
+                                                           str(rows[e["row"]].get("gtruth_answer")))[1]]
+    say(f"only correct: kept {len(right)} of {len(examples)}, dropped {len(examples) - len(right)} whose "
+        "message_content is wrong against gtruth_answer")
+    return right
 
 
 def check_schedule(args, total_steps):
@@ -463,6 +581,8 @@ class Position:
     interval_start_s: float = 0.0  # elapsed_s when the interval began (validation is not counted)
     epoch_ce: float = 0.0  # sums since the epoch began
     epoch_kd: float = 0.0
+    epoch_written_kd: float = 0.0  # on-policy: the KD on the student's own answers
+    rollout: dict = field(default_factory=dict)  # on-policy sums since the last CSV row (Rollouts.answer)
     csv_rows: int = 0
     last_checkpoint: str = ""
     world_size: int = 1
@@ -492,6 +612,18 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
+def rollout_columns(sums, steps):
+    """The on-policy columns of a CSV row from the sums since the last one: the answers' mean length, the
+    shares cut at the cap and with a box, the KD per token of the student's text, and the seconds per step
+    in the rollout, the teacher's scoring and the student's forward and backward."""
+    if not sums:
+        return [""] * 7
+    n = max(sums["answers"], 1)
+    return [f"{sums['tokens'] / n:.1f}", f"{sums['cut'] / n:.4f}", f"{sums['boxed'] / n:.4f}",
+            f"{sums['kd_per_token'] / max(sums['tokens'], 1):.6f}",
+            *(f"{sums[k] / steps:.3f}" for k in ("rollout_s", "teacher_s", "update_s"))]
+
+
 def append_csv(path, row):
     with open(path, "a", newline="") as f:
         csv.writer(f).writerow(row)
@@ -514,6 +646,7 @@ def main(argv=None):
         return say(f"{out} is complete ({args.epochs} epochs): to train on, pass a larger --epochs")
     if not resume_state:
         check_out_dir(out)
+    check_on_policy(args)
     precision = pick_precision(args.dtype, device)
     mode, weights_dtype, autocast_dtype = precision
     use_autocast = autocast_dtype and not args.fsdp  # FSDP casts for compute itself
@@ -529,6 +662,7 @@ def main(argv=None):
     train, val = load_examples(args, tok, say)
     soft = Teacher(args, tok, model.cfg.vocab_size, device) if args.teacher else None
     soft = TeacherLogits(args, tok, train, device) if args.teacher_logits else soft
+    rollouts = Rollouts(args, tok) if args.on_policy else None
     if args.checkpoint_path:
         qwen3.load_weights(model, qwen3.read_checkpoint(args.checkpoint_path, device), args.checkpoint_path)
     if resume_state:
@@ -548,7 +682,10 @@ def main(argv=None):
     say(f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps of up to "
         f"{examples_per_step} examples (batch {args.batch_size} x grad_accum {args.grad_accum} x "
         f"{world_size} processes), lr {args.lr} {args.lr_schedule}, warmup {args.warmup_steps}"
-        + (f", KD {args.kd_loss} weight {args.kd_weight} T {args.kd_temperature}" if soft else ""))
+        + (f", KD {args.kd_loss} weight {args.kd_weight} T {args.kd_temperature}" if soft else "")
+        + (f", on-policy {args.on_policy:g} (temperature {args.rollout_temperature:g}, at most "
+           f"{args.rollout_max_new_tokens} tokens, {args.samples_per_prompt} per prompt)"
+           if rollouts else ""))
 
     # the run's files: created only now, so that a run that fails to start leaves nothing to trip over
     if master:
@@ -569,16 +706,20 @@ def main(argv=None):
             qwen3.save_checkpoint(path, model, tok, weights=weights, args=vars(args), **extra)
         return path
 
-    def log(epoch, steps, ce, kd, val_loss, tokens_per_sec):
-        loss = (1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce
+    def log(epoch, steps, ce, kd, written_kd, val_loss, tokens_per_sec):
+        loss = ((1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce) + written_kd
         lr = learning_rate(pos.total_steps - 1, total_steps, args)
+        on_policy = rollout_columns(pos.rollout, steps)
         row = [epoch, pos.total_steps, f"{loss / steps:.6f}", f"{val_loss:.6f}", f"{lr:.6g}",
                f"{tokens_per_sec:.0f}", f"{pos.elapsed_s:.1f}", f"{ce / steps:.6f}",
-               f"{kd / steps:.6f}" if soft else ""]
+               f"{kd / steps:.6f}" if soft else "", *on_policy]
         if master:
             append_csv(out / "metrics.csv", row)
         pos.csv_rows += 1
-        return loss / steps
+        pos.rollout = {}
+        shown = (" | rollouts: {} tokens, {} cut, {} boxed, KD/token {} | s/step: rollout {}, teacher {}, "
+                 "student {}")
+        return loss / steps, shown.format(*on_policy) if rollouts else ""
 
     with deferred_signals() as interrupted:
         trained.train()
@@ -593,11 +734,19 @@ def main(argv=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # 2. loss and gradients over the step's micro-batches (gradient accumulation, all processes)
-                ce, kd, tokens = forward_backward(trained, micro_batches, args, device, rank, world_size,
-                                                  autocast, soft)
+                #    (on-policy: first the student answers the step's chosen prompts, the teacher scores them)
+                step_start = time.time()
+                ce, kd, tokens, rollout = forward_backward(trained, micro_batches, args, device, rank,
+                                                           world_size, autocast, soft, rollouts, epoch)
+                if rollouts:
+                    rollout["update_s"] = (time.time() - step_start - rollout["rollout_s"]
+                                           - rollout["teacher_s"])
                 # 3. every process learns the step's totals, and whether any of them was asked to stop
-                ce, kd, tokens, stop = qwen3.all_sum([ce, kd, tokens, len(interrupted)], device)
-                if not math.isfinite(ce + kd):
+                ce, kd, tokens, stop, *sums = qwen3.all_sum([ce, kd, tokens, len(interrupted),
+                                                             *rollout.values()], device)
+                pos.rollout = {k: pos.rollout.get(k, 0.0) + v for k, v in zip(rollout, sums)}
+                pos.epoch_written_kd += rollout.get("kd", 0.0)
+                if not math.isfinite(ce + kd + rollout.get("kd", 0.0)):
                     raise SystemExit(
                         f"error: non-finite loss at step {pos.total_steps + 1} (epoch {epoch}), data rows "
                         f"{[e['row'] for b in micro_batches for e in b]}; stopped without saving. "
@@ -620,12 +769,12 @@ def main(argv=None):
                 if pos.total_steps % args.log_every == 0:
                     val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
                     tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
-                    train_loss = log(epoch, pos.interval_steps, pos.interval_ce, pos.interval_kd, val_loss,
-                                     tokens_per_sec)
+                    train_loss, on_policy = log(epoch, pos.interval_steps, pos.interval_ce, pos.interval_kd,
+                                                pos.rollout.get("kd", 0.0), val_loss, tokens_per_sec)
                     eta = (total_steps - pos.total_steps) * pos.elapsed_s / pos.total_steps
                     bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos.total_steps}/{total_steps}] "
                               f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} | lr {lr:.3g} | "
-                              f"{tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}")
+                              f"{tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}{on_policy}")
                     pos.interval_ce = pos.interval_kd = pos.interval_tokens = pos.interval_steps = 0
                     pos.interval_start_s = time.time() - start
                 # 7. Ctrl-C or SIGTERM, to any process: a resumable checkpoint, then stop
@@ -637,12 +786,14 @@ def main(argv=None):
             # 8. the end of an epoch: validation loss, CSV row, the epoch's checkpoint and a resumable one
             val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
             tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
-            train_loss = log(epoch, max(len(steps), 1), pos.epoch_ce, pos.epoch_kd, val_loss, tokens_per_sec)
+            train_loss, _ = log(epoch, max(len(steps), 1), pos.epoch_ce, pos.epoch_kd, pos.epoch_written_kd,
+                                val_loss, tokens_per_sec)
             bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {train_loss:.4f} "
                       f"val_loss {val_loss:.4f}")
             path = save(out / checkpoint_name(args.model, pos.total_steps, epoch), epoch=epoch,
                         step=pos.total_steps, val_loss=val_loss)
             pos.epoch, pos.step_in_epoch, pos.epoch_ce, pos.epoch_kd = epoch + 1, 0, 0.0, 0.0
+            pos.epoch_written_kd = 0.0
             pos.last_checkpoint = str(path)
             save(out / "last.pth", resumable=True)
             bar.write(f"saved {path}")

@@ -1,5 +1,8 @@
+import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,110 @@ def no_backoff(monkeypatch):
     """Download retries without the real back-off sleeps."""
     import qwen3
     monkeypatch.setattr(qwen3.time, "sleep", lambda s: None)
+
+
+def pause(seconds):
+    """A real wait (the tests' no_backoff fixture turns time.sleep into a no-op)."""
+    threading.Event().wait(seconds)
+
+
+class TeacherServer:
+    """A local OpenAI-compatible chat-completions server on 127.0.0.1 (a random port, a thread per request),
+    scripted to fail: `faults` {problem: [what to do on its 1st, 2nd... request]}, each one of "429" (with
+    Retry-After: 1), "500", "502", "503", "slow" (answers after the client's timeout), "cut" (closes the
+    connection mid-body), "badjson", "nochoices", "length" (finish_reason length); afterwards it answers.
+    `style` {problem: where the thinking goes}: "reasoning_content", "reasoning" or "think" (a <think> block
+    in the content). Answers are made from the problem and the request's seed, so a test knows the text each
+    (problem, sample) must get. It stops answering after `max_requests` (503); its fixture shuts it down."""
+
+    def __init__(self, key=None, model="teacher", delay=0.0, slow_s=1.0, max_requests=5000):
+        import http.server
+        self.key, self.model, self.delay, self.slow_s = key, model, delay, slow_s
+        self.max_requests = max_requests
+        self.faults, self.style, self.answers, self.log, self.lock = {}, {}, {}, [], threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body, headers=()):
+                payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                for k, v in [("Content-Type", "application/json"), *headers]:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": {"message": f"no route {self.path}"}})
+                if server.key and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return self.reply(401, {"error": {"message": "Incorrect API key provided"}})
+                if body["model"] != server.model:
+                    message = f"The model `{body['model']}` does not exist"
+                    return self.reply(404, {"error": {"message": message}})
+                prompt = body["messages"][0]["content"]
+                problem = prompt.split("Question:\n", 1)[1].rsplit("\n\nAnswer:", 1)[0]
+                with server.lock:
+                    server.log.append((time.time(), problem, body))
+                    plan = server.faults.get(problem, [])
+                    fault = plan.pop(0) if plan else None
+                    over = len(server.log) > server.max_requests
+                pause(server.delay)
+                if over or fault in ("500", "502", "503"):
+                    return self.reply(int(fault or 503), {"error": {"message": "server trouble"}})
+                if fault == "429":
+                    return self.reply(429, {"error": {"message": "slow down"}}, [("Retry-After", "1")])
+                if fault == "slow":
+                    pause(server.slow_s)
+                if fault == "cut":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')
+                    self.close_connection = True
+                    return
+                if fault == "badjson":
+                    return self.reply(200, b"{not json")
+                if fault == "nochoices":
+                    return self.reply(200, {"choices": []})
+                thinking, content = server.text(problem, body.get("seed"))
+                message = {"role": "assistant", "content": content}
+                style = server.style.get(problem, "reasoning_content")
+                if style == "think":
+                    message["content"] = f"<think>{thinking}</think>\n\n{content}"
+                else:
+                    message[style] = thinking
+                finish = "stop"
+                if fault == "length":
+                    message["content"], finish = content[:5], "length"
+                self.reply(200, {"id": "x", "object": "chat.completion", "model": server.model,
+                                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                                 "usage": {"prompt_tokens": len(prompt.split()),
+                                           "completion_tokens": len((thinking + content).split())}})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # a client that timed out and left: fine
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def text(self, problem, seed):
+        """(thinking, final answer) this server sends for a problem and a request's seed."""
+        answer = self.answers.get(problem, "?")
+        return f"Thinking about {problem} with seed {seed}.", f"So it is \\boxed{{{answer}}}."
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def teacher_server():
+    server = TeacherServer()
+    yield server
+    server.close()

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import bench
 
 
@@ -80,11 +82,16 @@ def test_train_benchmark_with_a_teacher_reports_the_extra_cost(capsys):
             "1",
             "--teacher",
             "tiny",
+            "--on_policy_tokens",
+            "8",
             "--json",
         ]
     )
     result = last_json(capsys)
     assert result["kd_tokens_per_sec"] > 0 and result["kd_time_ratio"] > 0 and "kd_extra_memory_gib" in result
+    parts = [result[f"on_policy_{k}_s"] for k in ("rollout", "teacher", "update")]
+    assert all(p > 0 for p in parts) and sum(parts) == pytest.approx(result["on_policy_step_s"])
+    assert 2 <= result["on_policy_answer_tokens"] <= 2 * 8  # two prompts, at most 8 tokens each
 
 
 def test_converge_trains_until_the_target_loss(tmp_path, capsys):

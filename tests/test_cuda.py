@@ -20,7 +20,7 @@ def test_chunked_loss_matches_plain_loss_and_updates_are_kept(mode):
     _, weights_dtype, autocast_dtype = train.pick_precision(mode, "cuda")
     model = qwen3.load_model("tiny", "cuda", weights_dtype, seed=2)
     batch = [{"token_ids": torch.randint(0, 256, (64,)), "prompt_len": 20, "row": 0} for _ in range(2)]
-    weights = train.token_weights(batch, batch, False)
+    weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
     with torch.autocast("cuda", autocast_dtype, enabled=autocast_dtype is not None):
         chunked = train.answer_loss(model, batch, weights, "cuda", chunk_size=16)[0]
         plain = train.plain_answer_loss(model, batch, weights, "cuda")

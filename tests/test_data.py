@@ -215,7 +215,7 @@ def test_stats_on_real_rows_with_real_tokenizer(shared_data, real_tokenizer_path
 def test_synth_command_writes_both_files(tmp_path, capsys):
     data.main(["synth", "--out", str(tmp_path / "demo"), "--n_train", "20", "--n_test", "5"])
     assert len(json.loads((tmp_path / "demo" / "train.json").read_text())) == 20
-    assert len(data.load_math500(tmp_path / "demo" / "test.json")) == 5
+    assert len(data.load_problems(tmp_path / "demo" / "test.json")) == 5
 
 
 def test_teacher_logits_resume_from_finished_parts_and_refuse_other_data(tmp_path, monkeypatch):

@@ -1,6 +1,10 @@
+import concurrent.futures
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -333,6 +337,82 @@ def test_hostile_answers_are_wrong_and_harmless(tmp_path):
     assert not list(tmp_path.iterdir())  # no file was created: nothing ran
 
 
+# answers of a megabyte in the shapes that made extraction quadratic: a box nested 143,000 deep, a box
+# repeated 112,000 times (a small model looping until the cap), an unclosed box holding nested boxes; each
+# must be graded wrong (the reference matches none of them) and return, wherever the grading runs
+MEGABYTE_SHAPES = {
+    "nested": "\\boxed{" * 143_000 + "7",
+    "repeated": "\\boxed{1}" * 112_000,
+    "unclosed around nested": "\\boxed{" + "\\boxed{\\boxed{1}}" * 59_000,
+}
+GRADE_SHAPES = (
+    "import concurrent.futures, json, sys, evaluate\n"
+    "shapes = json.loads(sys.stdin.read())\n"
+    "main = [evaluate.is_correct(t, '7') for t in shapes.values()]\n"
+    "with concurrent.futures.ThreadPoolExecutor(4) as pool:\n"
+    "    threads = list(pool.map(lambda t: evaluate.is_correct(t, '7'), shapes.values()))\n"
+    "print(json.dumps({'main': main, 'threads': threads}))\n"
+)
+
+
+@pytest.mark.parametrize("launcher", [[], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                           "1"]], ids=["process", "torchrun"])
+def test_megabyte_answers_are_graded_wrong_in_any_thread(tmp_path, launcher):
+    script = tmp_path / "grade_shapes.py"
+    script.write_text(GRADE_SHAPES)
+    assert all(len(t) > 999_000 for t in MEGABYTE_SHAPES.values())
+    proc = subprocess.run([sys.executable, *launcher, str(script)], input=json.dumps(MEGABYTE_SHAPES),
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graded = json.loads(proc.stdout.strip().splitlines()[-1])  # the call returned, in every thread
+    assert graded == {"main": [False] * 3, "threads": [False] * 3}
+
+
+def test_a_looping_answer_keeps_its_last_box():
+    loop = "So the answer is \\boxed{12}. Wait, let me check. " * 2600  # ~32k tokens
+    assert extract_answer(loop) == "12" and is_correct(loop, "12")
+    joined = extract_answer("\\boxed{1}" * 111_000)
+    assert joined.startswith("1, 1, 1") and len(joined) > 1000  # joined, until too long to be an answer
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_time_limit_stops_python_code_in_any_thread_and_nothing_after(where):
+    def spin():  # 10 s at most: a time limit that fails to fire fails the test instead of hanging it
+        with evaluate.time_limit(0.2):
+            end = time.time() + 10
+            while time.time() < end:
+                pass
+
+    def outcome():
+        try:
+            spin()
+        except TimeoutError:
+            pass
+        else:
+            return "not stopped"
+        with evaluate.time_limit(0.05):  # a block that ends in time: no TimeoutError follows it
+            sum(range(1000))
+        threading.Event().wait(0.3)  # time for a stray TimeoutError to arrive (time.sleep is patched out)
+        return "stopped"
+    if where == "main":
+        assert outcome() == "stopped"
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(outcome).result(timeout=60) == "stopped"
+
+
+def test_grading_stops_at_the_time_limit_in_a_worker_thread(monkeypatch):
+    def slow_compare(a, b):
+        end = time.time() + 10
+        while time.time() < end:
+            pass
+        return True
+    monkeypatch.setattr(evaluate, "answers_equal", slow_compare)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert pool.submit(evaluate.grade_output, "\\boxed{2}", "2").result(timeout=60) == ("2", False)
+
+
 def test_checker_has_no_eval_path():
     source = (ROOT / "evaluate.py").read_text()
     for forbidden in ("eval(", "exec(", "sympify(", "parse_expr(", "parse_latex("):
@@ -365,9 +445,13 @@ def run_eval(checkpoint, out, *extra):
             *extra,
         ]
     )
-    return [json.loads(l) for l in out.read_text().splitlines()], json.loads(
-        out.with_suffix(".summary.json").read_text()
-    )
+    return untimed(out), json.loads(out.with_suffix(".summary.json").read_text())
+
+
+def untimed(path):
+    """The records of a file without their time taken (the one field that differs between equal runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in path.read_text().splitlines()]
 
 
 def test_batched_evaluation_equals_batch_size_one(checkpoint, tmp_path):
@@ -398,6 +482,17 @@ def test_batched_evaluation_equals_batch_size_one(checkpoint, tmp_path):
     ]  # in order, whatever the batch
     assert summary_one["num_examples"] == 7 and summary_one["accuracy"] == summary_one["num_correct"] / 7
     assert set(summary_one["by_subject"]) == {r["subject"] for r in one}
+
+
+def test_the_command_before_subcommands_still_generates(checkpoint, tmp_path, capsys):
+    path, test = checkpoint
+    old_form = ["--checkpoint_path", str(path), "--data_path", str(test), "--max_new_tokens", "12"]
+    evaluate.main([*old_form, "--out", str(tmp_path / "old.jsonl")])  # as the README wrote it before
+    evaluate.main(["generate", *old_form, "--out", str(tmp_path / "new.jsonl")])
+    assert untimed(tmp_path / "old.jsonl") == untimed(tmp_path / "new.jsonl") != []
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    assert "Without a command: generate" in capsys.readouterr().out
 
 
 def test_resume_generates_only_the_unfinished_problems(checkpoint, tmp_path, monkeypatch):

@@ -45,6 +45,8 @@ def test_own_csv_with_extra_columns(tmp_path):
     assert [r["train_loss"] for r in steps] == [3.0, 2.0, 1.0, 0.8] and spans == [(1, 0, 4.0), (2, 4.0, 8.0)]
     plot.main(["loss", str(path), "--out", str(tmp_path / "loss.png")])
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+    plot.main([str(path), "--out", str(tmp_path / "old.png")])  # the form before subcommands: a CSV is loss
+    assert (tmp_path / "old.png").read_bytes() == (tmp_path / "loss.png").read_bytes()
 
 
 def test_accuracy_chart(tmp_path):
@@ -63,6 +65,9 @@ def test_accuracy_chart(tmp_path):
     plot.main(["accuracy", str(tmp_path / "before.summary.json"), str(tmp_path / "after.summary.json"),
                "--out", str(tmp_path / "acc.png")])
     assert (tmp_path / "acc.png").stat().st_size > 10_000
+    plot.main([str(tmp_path / "before.summary.json"), str(tmp_path / "after.summary.json"), "--out",
+               str(tmp_path / "old.png")])  # without a command: summaries mean the accuracy chart
+    assert (tmp_path / "old.png").read_bytes() == (tmp_path / "acc.png").read_bytes()
 
 
 def test_bad_input(tmp_path):

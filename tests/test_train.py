@@ -175,7 +175,7 @@ def test_answer_loss_equals_hand_computation():
         e["prompt_len"], len(ids)
     )  # each answer token (and eos), predicted from before it
     expected = -sum(log_probs[t - 1, ids[t]] for t in answer_positions) / len(answer_positions)
-    ce, kd = train.answer_loss(model, [e], train.token_weights([e], [e], False), "cpu")
+    ce, kd = train.answer_loss(model, [e], [1.0 / train.answer_len(e)], "cpu")
     assert ce.item() == pytest.approx(expected.item(), rel=1e-5) and kd.item() == 0
 
 
@@ -209,7 +209,7 @@ def test_chunked_loss_equals_the_plain_full_logits_loss_in_value_and_gradient(dt
     tok = qwen3.load_tokenizer("tiny", "base")
     batch = [example(tok, "What is 3 + 4?", "3 + 4 = 7 " * 6), example(tok, "2?", "two"),
              example(tok, "Long question " * 3, "and a long answer " * 5)]
-    weights = train.token_weights(batch, batch, False)
+    weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
     train.answer_loss(model, batch, weights, "cpu", chunk_size=7)[0].backward()  # several chunks per batch
     chunked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -314,7 +314,7 @@ def test_real_widths_train_save_and_generate_in_each_precision(
     autocast = torch.autocast("cpu", autocast_dtype) if autocast_dtype else None
     step = Namespace(per_example_mean=False, kd_weight=0.0)
     for _ in range(3):  # train.py's own step: chunked answer loss, backward, clipping, AdamW
-        ce, _, _ = train.forward_backward(model, real_width_batch, step, "cpu", autocast=autocast)
+        ce = train.forward_backward(model, real_width_batch, step, "cpu", autocast=autocast)[0]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -368,7 +368,7 @@ def test_chunked_kd_equals_the_full_softmax_definition_in_value_and_gradient(kin
     student = qwen3.load_model("tiny", seed=1)
     teacher = train.Teacher(kd_args(kind, temperature), tok, student.cfg.vocab_size, "cpu")
     batch = [example(tok, "What is 3 + 4?", "3 + 4 = 7"), example(tok, "2?", "two, as a longer answer")]
-    weights = train.token_weights(batch, batch, False)
+    weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
     _, kd = train.answer_loss(student, batch, weights, "cpu", soft=teacher, chunk_size=5)
     kd.backward()
     chunked = [p.grad.clone() for p in student.parameters()]
@@ -461,7 +461,8 @@ def test_top_k_teacher_logits_equal_the_online_teacher_when_k_covers_the_vocabul
     results = []
     for soft in (online, offline):
         student.zero_grad()
-        _, kd = train.answer_loss(student, batch, train.token_weights(batch, batch, False), "cpu", soft=soft)
+        weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
+        _, kd = train.answer_loss(student, batch, weights, "cpu", soft=soft)
         kd.backward()
         results.append((kd.item(), [p.grad.clone() for p in student.parameters()]))
     (value_on, grads_on), (value_off, grads_off) = results

@@ -1,0 +1,225 @@
+"""Asking a teacher for its answers (evaluate.py generate --api_base): a local OpenAI-compatible server
+(conftest.TeacherServer, on 127.0.0.1) that fails in scripted ways; resume after a kill; the key kept secret;
+rejection sampling (train.py --only_correct)."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+import evaluate
+import qwen3
+import train
+from conftest import TeacherServer
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-5ecret-KEY-0123456789"
+
+
+def problems(tmp_path, n, name="problems.json"):
+    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i), "level": 1 + i % 3} for i in range(n)]
+    (tmp_path / name).write_text(json.dumps(rows))
+    return tmp_path / name, rows
+
+
+def generate(server, data_path, out, *extra):
+    return ["generate", "--api_base", server.url, "--api_model", "teacher", "--model", "tiny", "--data_path",
+            str(data_path), "--out", str(out), *extra]
+
+
+def records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_fault_is_retried_and_each_answer_is_the_text_the_server_sent(teacher_server, tmp_path, capsys):
+    path, rows = problems(tmp_path, 12)
+    faults = [["429"], ["500", "502", "503"], ["slow"], ["cut"], ["badjson"], ["nochoices"], ["length"],
+              ["503", "429", "cut"], [], [], [], []]
+    styles = ["reasoning_content", "reasoning", "think"]
+    for i, row in enumerate(rows):
+        teacher_server.faults[row["problem"]] = list(faults[i])
+        teacher_server.style[row["problem"]] = styles[i % 3]
+        teacher_server.answers[row["problem"]] = row["answer"] if i % 4 else "wrong"  # 3 of 12 are wrong
+    teacher_server.slow_s = 1.5
+    out = tmp_path / "teacher.jsonl"
+    summary = evaluate.main(generate(teacher_server, path, out, "--num_workers", "8", "--timeout", "0.5",
+                                     "--teacher_json", str(tmp_path / "teacher.json"), "--price_in", "0.7",
+                                     "--price_out", "2.5"))
+    got = records(out)
+    assert [r["index"] for r in got] == list(range(12))
+    for r, row in zip(got, rows):
+        thinking, content = teacher_server.text(row["problem"], None)
+        assert r["message_thinking"] == thinking and r["problem"] == row["problem"]
+        assert r["gtruth_answer"] == row["answer"]
+        if r["index"] == 6:  # finish_reason length: what came, marked as cut
+            assert r["message_content"] == content[:5] and r["truncated"] and r["finish_reason"] == "length"
+        else:
+            assert r["message_content"] == content and r["finish_reason"] == "stop"
+            assert r["correct"] == (r["index"] % 4 != 0)
+    tries = [sum(p == row["problem"] for _, p, _ in teacher_server.log) for row in rows]
+    assert tries == [1 + len([x for x in f if x != "length"]) for f in faults]  # each fault retried
+    # the default prompt is the reference's template, word for word, as one user message
+    first = next(body for _, p, body in teacher_server.log if p == rows[0]["problem"])
+    assert first["messages"] == [{"role": "user", "content": (
+        "You are a helpful math assistant.\n"
+        "Answer the question and write the final result on a new line as:\n\\boxed{ANSWER}\n\n"
+        "Question:\nWhat is 0 + 0?\n\nAnswer:")}]
+    assert first["temperature"] == 0.0 and first["max_tokens"] == 2048 and "seed" not in first
+    assert summary["accuracy"] == pytest.approx(8 / 12) and summary["complete"]
+    usage = summary["usage"]
+    assert usage["prompt_tokens"] == sum(r["prompt_tokens"] for r in got) > 0
+    cost = (usage["prompt_tokens"] * 0.7 + usage["completion_tokens"] * 2.5) / 1e6
+    assert usage["cost_usd"] == pytest.approx(cost)
+    assert set(summary["lengths"]) == {"thinking_tokens", "content_tokens", "num_tokens"}
+    printed = capsys.readouterr().out
+    assert "server tokens:" in printed and "per 1,000 answers" in printed
+    # the records are a teacher file: the JSON array for sharing, data.py stats and train.py read them
+    shared = json.loads((tmp_path / "teacher.json").read_text())
+    fields = ("problem", "gtruth_answer", "message_thinking", "message_content")
+    assert shared[3] == {k: got[3][k] for k in fields}
+    tok = qwen3.load_tokenizer("tiny", "base")
+    examples, skipped, n = data.prepare_examples(out, tok, True, cache_dir=tmp_path / "cache")
+    assert n == 12 and len(examples) == 12
+    train.main(["--model", "tiny", "--which_model", "base", "--data_path", str(out), "--out_dir",
+                str(tmp_path / "run"), "--validation_size", "2", "--epochs", "1", "--use_think_tokens",
+                "--only_correct", "--cache_dir", str(tmp_path / "cache")])
+    printed = capsys.readouterr().out
+    assert "only correct: kept 8 of 12, dropped 4" in printed, printed  # 3 wrong, 1 cut at the cap
+
+
+@pytest.mark.parametrize("case, match", [
+    ("wrong key", "HTTP 401.*refused the API key.*\\$OPENAI_API_KEY"),
+    ("no key", "HTTP 401.*wants an API key: set \\$OPENAI_API_KEY"),
+    ("unknown model", "HTTP 404.*does not exist.*check --api_model"),
+    ("no server", "no server answers at .*: start it first"),
+])
+def test_errors_that_retrying_cannot_fix_stop_the_run_with_one_line(tmp_path, monkeypatch, case, match):
+    server = TeacherServer(key=KEY)
+    path, _ = problems(tmp_path, 20)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong" if case == "wrong key" else KEY)
+    if case == "no key":
+        monkeypatch.delenv("OPENAI_API_KEY")
+    argv = generate(server, path, tmp_path / "out.jsonl", "--num_workers", "2")
+    if case == "unknown model":
+        argv[argv.index("teacher")] = "no-such-model"
+    if case == "no server":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            argv[argv.index(server.url)] = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    try:
+        with pytest.raises(ValueError, match=match) as error:
+            evaluate.main(argv)
+    finally:
+        server.close()
+    assert "\n" not in str(error.value) and KEY not in str(error.value)
+    assert len(server.log) <= 2 + 2  # at once: the requests in flight, not one per problem
+
+
+def test_retry_after_and_backoff(monkeypatch):
+    assert data._retry_after("3") == 3.0 and data._retry_after(None) is None
+    assert data._retry_after("99999") == data.RETRY_AFTER_CAP_S
+    assert 0 <= data._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0  # a date in the past: now
+    waits = []
+    monkeypatch.setattr(data.time, "sleep", waits.append)
+    server = TeacherServer()
+    try:
+        server.faults["x"] = ["429", "500", "500", "500"]
+        client = data.ChatServer(server.url, "teacher", tries=5)
+        reply = client.complete(data.render_prompt("x"), 64, qwen3.Sampling())
+        assert reply.content == server.text("x", None)[1]
+        assert waits[0] == 1.0  # Retry-After: 1
+        caps = [min(data.RETRY_CAP_S, data.RETRY_BASE_S * 2 ** k) for k in range(1, 4)]
+        assert len(waits) == 4 and all(0 <= w <= cap for w, cap in zip(waits[1:], caps))  # backoff, jitter
+        server.faults["y"] = ["500"] * 3
+        with pytest.raises(data.GaveUp, match="3 tries failed, the last: HTTP 500"):
+            client = data.ChatServer(server.url, "teacher", tries=3)
+            client.complete(data.render_prompt("y"), 64, qwen3.Sampling())
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
+def test_killed_at_a_random_moment_then_resumed_each_answer_exactly_once(tmp_path, stop):
+    server = TeacherServer(key=KEY, delay=0.05)
+    path, rows = problems(tmp_path, 40)
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "evaluate.py", *generate(server, path, out, "--num_workers", "8", "--num_samples",
+                                                     "2", "--temperature", "1.0", "--seed", "7")]
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 3):
+            time.sleep(0.01)
+        time.sleep(random.Random(stop).uniform(0, 0.4))  # a random moment, mid-run
+        proc.send_signal(getattr(signal, stop))
+        output = "".join(proc.communicate(timeout=120))
+        assert proc.returncode != 0
+        first = out.read_text()
+        assert 3 <= first.count("\n") < 80
+        if stop == "SIGINT":
+            assert "interrupted;" in output and "continue with: python evaluate.py generate" in output
+            assert output.rstrip().endswith("--resume")
+        else:  # a kill may cut the line being written: make sure the resume sees one
+            out.write_text(first + first.splitlines()[0][:30])
+        resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finally:
+        server.close()
+    got = records(out)
+    assert sorted((r["index"], r["sample"]) for r in got) == [(i, s) for i in range(40) for s in range(2)]
+    seeds = {(p, body["seed"]) for _, p, body in server.log}
+    for r in got:  # each with the text the server sent for its own (problem, sample)
+        seed = qwen3.Sampling(1.0, seed=7).stream((r["index"], r["sample"])).randrange(2**31)
+        assert (r["problem"], seed) in seeds
+        assert (r["message_thinking"], r["message_content"]) == server.text(r["problem"], seed)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(KEY.encode() in p.read_bytes() for p in files)  # the key is in no file...
+    assert KEY not in output + resumed.stdout + resumed.stderr  # ...and in no output
+
+
+def test_split_thinking():
+    assert data.split_thinking("<think>\na\n</think>\n\nb") == ("a", "b")
+    assert data.split_thinking("a</think>b") == ("a", "b")  # the template opened the thought in the prompt
+    assert data.split_thinking("<think>cut off") == ("cut off", "")
+    assert data.split_thinking(" just an answer ") == ("", "just an answer")
+
+
+def test_only_correct_on_the_real_r1_rows(shared_data, capsys):
+    rows = json.loads((shared_data / "deepseek-r1-math-train-sample5.json").read_text())
+    rows[2] = {**rows[2], "gtruth_answer": "not the answer"}
+    rows += [rows[0], {**rows[1], "message_content": "So \\boxed{-1}."}]  # a second sample of two problems
+    examples = [{"row": i} for i in range(len(rows))]
+    kept = train.correct_only(examples, rows)
+    assert [e["row"] for e in kept] == [0, 1, 3, 4, 5]
+    assert "kept 5 of 7, dropped 2" in capsys.readouterr().out
+
+
+def test_throughput_with_1_8_and_32_workers(tmp_path, capsys):
+    """Measures (prints) answers per second against a server taking 0.5 s per request; asserts only that
+    every answer arrived."""
+    server = TeacherServer(delay=0.5)
+    try:
+        for workers, n in ((1, 8), (8, 32), (32, 128)):
+            path, _ = problems(tmp_path, n, f"p{workers}.json")
+            start = time.time()
+            summary = evaluate.main(generate(server, path, tmp_path / f"w{workers}.jsonl", "--num_workers",
+                                             str(workers)))
+            seconds = time.time() - start
+            assert summary["num_examples"] == n and summary["complete"]
+            ideal = -(-n // workers) * 0.5
+            with capsys.disabled():
+                print(f"\n{workers} workers: {n} answers in {seconds:.2f} s = {n / seconds:.1f} answers/s "
+                      f"({n / seconds / 2:.1f}x one worker's 2/s), overhead "
+                      f"{1000 * (seconds - ideal) / n:.1f} ms per answer")
+    finally:
+        server.close()
