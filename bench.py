@@ -148,7 +148,8 @@ def bench_on_policy_step(args, model, teacher, examples, device, autocast):
                                    rollout_temperature=1.0, rollout_max_new_tokens=args.on_policy_tokens,
                                    samples_per_prompt=1, seed=args.seed)
     rollouts = train.Rollouts(step_args, qwen3.load_tokenizer(args.model))
-    batch = [{**e, "token_ids": torch.as_tensor(e["token_ids"])} for e in examples[:args.batch_size]]
+    batch = [{**e, "token_ids": torch.as_tensor(e["token_ids"]), "row": i}
+             for i, e in enumerate(examples[:args.batch_size])]
     reset_peak_memory(device)
     for _ in range(2):
         sync(device)

@@ -60,13 +60,19 @@ def fetch(urls, dest):
 
 
 def resolve_data_path(partition_or_path, cache_dir=None):
-    """A local file for a partition name (downloaded once, primary URL then backup) or a path."""
+    """A local file for a partition name or a problem set (downloaded once, primary URL then backup) or a
+    path."""
+    data_dir = Path(cache_dir or qwen3.default_cache_dir()) / "data"
     if partition_or_path in PARTITIONS:
-        dest = Path(cache_dir or qwen3.default_cache_dir()) / "data" / f"{partition_or_path}.json"
+        dest = data_dir / f"{partition_or_path}.json"
         return fetch([u.format(partition=partition_or_path) for u in DATA_URLS], dest)
+    if partition_or_path in PROBLEM_SETS:  # problems without teacher text: on-policy training
+        file, url = PROBLEM_SETS[partition_or_path]
+        return fetch([url], data_dir / file)
     path = Path(partition_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path} (or use a partition: {', '.join(PARTITIONS)})")
+        raise FileNotFoundError(f"data file not found: {path} (or use a partition: {', '.join(PARTITIONS)}; "
+                                f"or a problem set: {', '.join(PROBLEM_SETS)})")
     return path
 
 
@@ -106,15 +112,7 @@ def load_problems(name_or_path=None, cache_dir=None):
     JSON/JSONL file. Each row needs a 'problem' string and an 'answer' (or the teacher files' 'gtruth_answer',
     which becomes 'answer')."""
     name_or_path = name_or_path or "math500"
-    if name_or_path in PROBLEM_SETS:
-        file, url = PROBLEM_SETS[name_or_path]
-        path = fetch([url], Path(cache_dir or qwen3.default_cache_dir()) / "data" / file)
-    elif not Path(name_or_path).is_file():
-        raise FileNotFoundError(f"data file not found: {name_or_path} (or a problem set: "
-                                f"{', '.join(PROBLEM_SETS)})")
-    else:
-        path = name_or_path
-    rows = read_rows(path)
+    rows = read_rows(resolve_data_path(name_or_path, cache_dir))
     for n, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or \
                 not ("answer" in row or "gtruth_answer" in row):

@@ -393,26 +393,28 @@ class Rollouts:
     def answer(self, model, share, epoch, device):
         """The share [(batch, weight, written by the student)] with each chosen example of weight 1 replaced
         by --samples_per_prompt answers of the student's, in micro-batches of their own; and their sums."""
-        chosen = [e for batch, weight, _ in share if weight for e in batch if self.chosen(e, epoch)]
-        keys = [(epoch, e["row"], s) for e in chosen for s in range(self.args.samples_per_prompt)]
-        prompts = [torch.as_tensor(e["token_ids"][:e["prompt_len"]]).tolist() for e in chosen
-                   for _ in range(self.args.samples_per_prompt)]
+        samples = range(self.args.samples_per_prompt)
+        chosen = [(e, s) for batch, weight, _ in share if weight for e in batch if self.chosen(e, epoch)
+                  for s in samples]
+        keys = [(epoch, e["row"], s) for e, s in chosen]
+        prompts = [torch.as_tensor(e["token_ids"][:e["prompt_len"]]).tolist() for e, _ in chosen]
         start = time.time()
         student = getattr(model, "module", model)  # DDP's module: generating needs no gradient sync
         student.eval()
         answers = qwen3.generate(student, prompts, self.args.rollout_max_new_tokens, self.tok.eos_token_id,
                                  sampling=self.sampling, keys=keys) if prompts else []
         student.train()
-        written = {}
-        for (_, row, _), prompt, answer in zip(keys, prompts, answers):
+        written = {}  # id of a chosen example -> the student's answers to it
+        for (e, _), prompt, answer in zip(chosen, prompts, answers):
             ids = torch.tensor(prompt + answer, dtype=torch.int32)
-            written.setdefault(row, []).append({"token_ids": ids, "prompt_len": len(prompt), "row": row})
+            answer = {"token_ids": ids, "prompt_len": len(prompt), "row": e["row"]}
+            written.setdefault(id(e), []).append(answer)
         new = []
         for batch, weight, _ in share:
-            mine = [e for e in batch if weight and e["row"] in written]
-            teacher_text = [e for e in batch if not (weight and e["row"] in written)]
+            teacher_text = [e for e in batch if not weight or id(e) not in written]
+            mine = [answer for e in batch if weight and id(e) in written for answer in written[id(e)]]
             new += [(teacher_text, weight, False)] if teacher_text else []
-            new += [([w for e in mine for w in written[e["row"]]], weight, True)] if mine else []
+            new += [(mine, weight, True)] if mine else []
         eos = self.tok.eos_token_id
         stats = {"answers": len(answers), "tokens": sum(map(len, answers)), "kd": 0.0, "kd_per_token": 0.0,
                  "cut": sum(a[-1] != eos for a in answers), "rollout_s": time.time() - start,
@@ -612,7 +614,7 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
-def rollout_columns(sums, steps):
+def rollout_columns(sums):
     """The on-policy columns of a CSV row from the sums since the last one: the answers' mean length, the
     shares cut at the cap and with a box, the KD per token of the student's text, and the seconds per step
     in the rollout, the teacher's scoring and the student's forward and backward."""
@@ -621,7 +623,7 @@ def rollout_columns(sums, steps):
     n = max(sums["answers"], 1)
     return [f"{sums['tokens'] / n:.1f}", f"{sums['cut'] / n:.4f}", f"{sums['boxed'] / n:.4f}",
             f"{sums['kd_per_token'] / max(sums['tokens'], 1):.6f}",
-            *(f"{sums[k] / steps:.3f}" for k in ("rollout_s", "teacher_s", "update_s"))]
+            *(f"{sums[k] / sums['steps']:.3f}" for k in ("rollout_s", "teacher_s", "update_s"))]
 
 
 def append_csv(path, row):
@@ -709,7 +711,7 @@ def main(argv=None):
     def log(epoch, steps, ce, kd, written_kd, val_loss, tokens_per_sec):
         loss = ((1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce) + written_kd
         lr = learning_rate(pos.total_steps - 1, total_steps, args)
-        on_policy = rollout_columns(pos.rollout, steps)
+        on_policy = rollout_columns(pos.rollout)
         row = [epoch, pos.total_steps, f"{loss / steps:.6f}", f"{val_loss:.6f}", f"{lr:.6g}",
                f"{tokens_per_sec:.0f}", f"{pos.elapsed_s:.1f}", f"{ce / steps:.6f}",
                f"{kd / steps:.6f}" if soft else "", *on_policy]
@@ -738,9 +740,11 @@ def main(argv=None):
                 step_start = time.time()
                 ce, kd, tokens, rollout = forward_backward(trained, micro_batches, args, device, rank,
                                                            world_size, autocast, soft, rollouts, epoch)
-                if rollouts:
+                if rollouts:  # the time split, and the step, as a mean over the processes once summed
                     rollout["update_s"] = (time.time() - step_start - rollout["rollout_s"]
                                            - rollout["teacher_s"])
+                    times = ("rollout_s", "teacher_s", "update_s")
+                    rollout.update({k: rollout[k] / world_size for k in times}, steps=1 / world_size)
                 # 3. every process learns the step's totals, and whether any of them was asked to stop
                 ce, kd, tokens, stop, *sums = qwen3.all_sum([ce, kd, tokens, len(interrupted),
                                                              *rollout.values()], device)

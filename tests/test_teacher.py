@@ -223,3 +223,16 @@ def test_throughput_with_1_8_and_32_workers(tmp_path, capsys):
                       f"{1000 * (seconds - ideal) / n:.1f} ms per answer")
     finally:
         server.close()
+
+
+def test_problem_sets_by_name_are_downloaded_once(tmp_path, file_server, monkeypatch):
+    rows = [{"problem": "What is 1 + 1?", "answer": "2", "level": "Level 1", "type": "Algebra", "unique_id": "a"}]
+    file_server.files["/math_full_minus_math500.json"] = json.dumps(rows).encode()
+    monkeypatch.setitem(data.PROBLEM_SETS, "math-train", ("math_full_minus_math500.json",
+                                                          file_server.url + "/math_full_minus_math500.json"))
+    assert data.load_problems("math-train", tmp_path)[0]["answer"] == "2"
+    file_server.close()
+    assert data.load_problems("math-train", tmp_path) == rows  # cached: no request
+    teacher_rows = [{"problem": "x?", "gtruth_answer": "3", "message_content": "\\boxed{3}"}]
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher_rows))
+    assert data.load_problems(tmp_path / "teacher.json")[0]["answer"] == "3"  # a teacher file's problems
