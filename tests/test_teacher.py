@@ -226,7 +226,8 @@ def test_throughput_with_1_8_and_32_workers(tmp_path, capsys):
 
 
 def test_problem_sets_by_name_are_downloaded_once(tmp_path, file_server, monkeypatch):
-    rows = [{"problem": "What is 1 + 1?", "answer": "2", "level": "Level 1", "type": "Algebra", "unique_id": "a"}]
+    rows = [{"problem": "What is 1 + 1?", "answer": "2", "level": "Level 1", "type": "Algebra",
+             "unique_id": "a"}]
     file_server.files["/math_full_minus_math500.json"] = json.dumps(rows).encode()
     monkeypatch.setitem(data.PROBLEM_SETS, "math-train", ("math_full_minus_math500.json",
                                                           file_server.url + "/math_full_minus_math500.json"))
