@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole job offline on a CPU in about 4 minutes: a synthetic teacher dataset, the untrained student graded,
-# distillation, the student graded again (greedy, then sampled with error bars), and the charts.
+# The whole job offline on a CPU in about 5.5 minutes (2 cores): a synthetic teacher dataset, the untrained
+# student graded, distillation, the student graded again (greedy, then sampled with error bars), and the charts.
 #     bash walkthrough.sh [OUT_DIR]      (default: demo)
 set -euo pipefail
 cd "$(dirname "$0")"
