@@ -748,7 +748,8 @@ def main(argv=None):
                 # 3. every process learns the step's totals, and whether any of them was asked to stop
                 ce, kd, tokens, stop, *sums = qwen3.all_sum([ce, kd, tokens, len(interrupted),
                                                              *rollout.values()], device)
-                pos.rollout = {k: pos.rollout.get(k, 0.0) + v for k, v in zip(rollout, sums)}
+                rollout = dict(zip(rollout, sums))  # all processes' sums
+                pos.rollout = {k: pos.rollout.get(k, 0.0) + v for k, v in rollout.items()}
                 pos.epoch_written_kd += rollout.get("kd", 0.0)
                 if not math.isfinite(ce + kd + rollout.get("kd", 0.0)):
                     raise SystemExit(
