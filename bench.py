@@ -40,6 +40,8 @@ def sync(device):
 def reset_peak_memory(device):
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():  # Linux: restart the peak resident memory from now
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def detect_peak_tflops(device):
@@ -65,19 +67,24 @@ def synthetic_examples(n, seq_len, vocab_size, seed):
     return examples
 
 
-def time_steps(parameters, steps, device, step_fn, warmup):
-    """Seconds for the timed steps (after warm-up) and the tokens step_fn reports; AdamW at lr 1e-5."""
-    optimizer = train.adamw(parameters, device, lr=1e-5, weight_decay=0.0)
-    tokens, start = 0, None
+def time_steps(parameters, steps, device, step_fn, warmup, precision="float32"):
+    """Seconds for the timed steps (after warm-up), the tokens step_fn reports, and the seconds of those
+    spent in the optimizer: train.py's AdamW for the precision, at lr 1e-5."""
+    optimizer = train.adamw(parameters, device, lr=1e-5, weight_decay=0.0, precision=precision)
+    tokens, start, optimizer_s = 0, None, 0.0
     for i, step in enumerate(steps):
         if i == warmup:
             sync(device)
-            start, tokens = time.time(), 0
+            start, tokens, optimizer_s = time.time(), 0, 0.0
         tokens += step_fn(step)
+        sync(device)
+        optimizer_start = time.time()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        optimizer_s += time.time() - optimizer_start
     sync(device)
-    return time.time() - start, tokens
+    return time.time() - start, tokens, optimizer_s
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +93,7 @@ def time_steps(parameters, steps, device, step_fn, warmup):
 
 def bench_train(args, model, device, rank, world_size):
     """train.py's own step (collate, chunked answer loss, backward) on synthetic batches."""
-    precision = train.pick_precision(args.dtype, device)
+    precision = train.pick_precision(args.dtype, device, args.fsdp)
     autocast = autocast_for(precision, device)
     step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5)
     n = args.batch_size * (args.steps + args.warmup)
@@ -100,20 +107,21 @@ def bench_train(args, model, device, rank, world_size):
             return train.forward_backward(trained, micro_batches, step_args, device, autocast=autocast,
                                           soft=soft)[2]
         reset_peak_memory(device)
-        seconds, tokens = time_steps(model.parameters(), batches, device, step, args.warmup)
-        return tokens / seconds, qwen3.peak_memory_gib(device)
+        seconds, tokens, optimizer_s = time_steps(model.parameters(), batches, device, step, args.warmup,
+                                                  precision[0])
+        return tokens / seconds, qwen3.peak_memory_gib(device), optimizer_s / args.steps
 
     before = [p.detach().clone() for p in model.parameters()] if args.count_changes else []
-    tokens_per_sec, memory = measure(model)
+    tokens_per_sec, memory, optimizer_s = measure(model)
     flops = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
     result = {"mode": "train", "precision": precision[0], "tokens_per_sec": tokens_per_sec,
-              "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory}
+              "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory, "optimizer_step_s": optimizer_s}
     if before:  # AdamW at lr 1e-5: how many weights did its steps move at all?
         changed = sum((p != b).sum().item() for p, b in zip(model.parameters(), before))
         result["changed_fraction"] = changed / model.num_params()
     if world_size > 1:  # the same steps again, gradients synchronised: what data parallelism costs
         trained = train.wrap(model, argparse.Namespace(fsdp=args.fsdp), precision, world_size)
-        per_process, memory = measure(trained)
+        per_process, memory, _ = measure(trained)
         result.update(tokens_per_sec=per_process, single_process_tokens_per_sec=tokens_per_sec,
                       tokens_per_sec_total=qwen3.all_sum([per_process], device)[0], processes=world_size,
                       scaling_efficiency=per_process / tokens_per_sec, tflops=flops * per_process / 1e12,
@@ -122,7 +130,7 @@ def bench_train(args, model, device, rank, world_size):
         teacher_args = argparse.Namespace(teacher=args.teacher, teacher_device=None, cache_dir=None,
                                           kd_temperature=1.0, kd_loss="forward_kl", jsd_beta=0.5)
         teacher = train.Teacher(teacher_args, qwen3.load_tokenizer(args.model), model.cfg.vocab_size, device)
-        kd_tokens_per_sec, kd_memory = measure(model, teacher)
+        kd_tokens_per_sec, kd_memory, _ = measure(model, teacher)
         result.update(kd_tokens_per_sec=kd_tokens_per_sec, kd_time_ratio=tokens_per_sec / kd_tokens_per_sec,
                       kd_peak_memory_gib=kd_memory, kd_extra_memory_gib=kd_memory - memory)
         if args.on_policy_tokens:
@@ -135,7 +143,8 @@ def bench_train(args, model, device, rank, world_size):
             loss.backward()
             return len(example["token_ids"]) - 1
         singles = [[[e]] for e in examples[:args.batch_size * 4 + args.warmup]]
-        seconds, tokens = time_steps(model.parameters(), singles, device, reference_step, args.warmup)
+        seconds, tokens, _ = time_steps(model.parameters(), singles, device, reference_step, args.warmup,
+                                        precision[0])
         result.update(baseline_tokens_per_sec=tokens / seconds, speedup=tokens_per_sec * seconds / tokens)
     return result
 
@@ -176,7 +185,8 @@ def report_train(args, result):
                if "changed_fraction" in result else "")
     print(f"train on {result['device']} ({result['precision']}), batch {args.batch_size}: "
           f"{result['tokens_per_sec']:,.0f} tokens/s{scaling}, {result['tflops']:.2f} TFLOP/s{mfu}, "
-          f"peak memory {result['peak_memory_gib']:.2f} GiB{changed}")
+          f"peak memory {result['peak_memory_gib']:.2f} GiB, AdamW step {result['optimizer_step_s']:.3f} s"
+          f"{changed}")
     if "speedup" in result:
         print(f"baseline (per-example, full logits): {result['baseline_tokens_per_sec']:,.0f} tokens/s -> "
               f"speedup {result['speedup']:.1f}x")
@@ -206,7 +216,7 @@ def bench_converge(args, train_argv):
     model = qwen3.load_model(targs.model, device, precision[1], targs.cache_dir, targs.seed)
     tok = qwen3.load_tokenizer(targs.model, targs.which_model, targs.cache_dir)
     train_examples, val = train.load_examples(targs, tok, say=lambda *a: None)
-    optimizer = train.adamw(model.parameters(), device, targs.lr, targs.weight_decay)
+    optimizer = train.adamw(model.parameters(), device, targs.lr, targs.weight_decay, precision[0], targs.seed)
     total_steps = len(train.optimizer_steps(train_examples, targs, 1, 1)) * targs.epochs
     all_steps = (step for epoch in range(1, targs.epochs + 1)
                  for step in train.optimizer_steps(train_examples, targs, epoch, 1))
@@ -253,6 +263,8 @@ def bench_memory(args):
     result = {"mode": "memory", "model": args.model, "params": params,
               "tokens": args.batch_size * args.seq_len}
     for mode, (weights_dtype, autocast_dtype) in train.PRECISIONS.items():
+        if mode == "bfloat16-sr" and args.processes > 1:
+            continue  # not with FSDP (train.pick_precision says why)
         weight_bytes = torch.finfo(weights_dtype).bits // 8
         state = params * weight_bytes * 4  # weights, gradients, AdamW's two moments: in the weights' dtype
         if args.processes > 1:  # FSDP: a 1/N shard of it, and two blocks gathered at a time (one prefetched),
@@ -300,7 +312,7 @@ def report_memory(args, result):
     fsdp = f", FSDP over {args.processes} GPUs" if args.processes > 1 else ""
     print(f"{args.model} ({result['params'] / 1e9:.2f}B parameters), {result['tokens']} tokens per "
           f"micro-batch{fsdp}: GiB per GPU")
-    for mode in train.PRECISIONS:
+    for mode in (m for m in train.PRECISIONS if m in result):
         r = result[mode]
         print(f"  {mode:>13}: {r['total_gib']:6.1f} = weights, gradients and AdamW {r['state_gib']:.1f} + "
               f"bfloat16 weight copies {r['weight_copies_gib']:.1f} + activations "
@@ -395,6 +407,8 @@ def parse_args(argv=None):
     t.add_argument("--grad_checkpointing", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     t.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    t.add_argument("--layers", type=int, default=0, help="train only the model's first N blocks: at the "
+                   "real widths on a CPU, the memory of a block is the difference between 1 and 2")
     t.add_argument("--count_changes", action="store_true",
                    help="report the share of weights that the steps changed")
     t.add_argument("--teacher", default=None, help="also time soft distillation from this teacher (e.g. "
@@ -454,6 +468,9 @@ def main(argv=None):
         else:
             dtype = qwen3.pick_dtype(args.dtype, device)
         model = qwen3.load_model(args.model, device, dtype, seed=args.seed)
+        if args.cmd == "train" and args.layers:  # the first N blocks of the shape (the rest unused)
+            model.layers, model.cfg = model.layers[:args.layers], dataclasses.replace(
+                model.cfg, num_hidden_layers=args.layers)
         if args.cmd == "train" and args.compile:
             model.compile_blocks()
         if args.cmd == "train":

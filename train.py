@@ -37,7 +37,7 @@ RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "epochs", "log_every", "cach
                      "grad_checkpointing", "teacher_device"}
 # training precision: (weights and AdamW state dtype, autocast dtype of the matmuls)
 PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.float32, torch.bfloat16),
-              "pure-bfloat16": (torch.bfloat16, None)}
+              "pure-bfloat16": (torch.bfloat16, None), "bfloat16-sr": (torch.bfloat16, None)}
 
 
 def parse_args(argv=None, namespace=None):
@@ -89,7 +89,8 @@ def parse_args(argv=None, namespace=None):
     a("--dtype", default="auto", choices=["auto", *PRECISIONS],
       help="training precision. bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update "
            "kept); pure-bfloat16: everything in bfloat16 as the reference (small updates are rounded away); "
-           "auto = bfloat16 on cuda, float32 elsewhere")
+           "bfloat16-sr: pure-bfloat16's memory, AdamW rounding stochastically (small updates kept on "
+           "average); auto = bfloat16 on cuda, float32 elsewhere")
     a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass")
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
@@ -351,11 +352,66 @@ def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=Non
     return qwen3.all_sum([total], device)[0] / len(val)
 
 
-def adamw(parameters, device, lr, weight_decay):
+def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
     """AdamW, fused into one kernel per step where PyTorch has one (CUDA, CPU): on the CPU here it makes the
-    per-example loop 7% faster than the default one-tensor-at-a-time implementation."""
+    per-example loop 7% faster than the default one-tensor-at-a-time implementation. Under bfloat16-sr, the
+    stochastically rounding AdamW below."""
+    if precision == "bfloat16-sr":
+        return StochasticRoundingAdamW(parameters, lr=lr, weight_decay=weight_decay, seed=seed)
     fused = device.split(":")[0] in ("cuda", "cpu")
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def round_stochastic_(out, exact, generator):
+    """out (bfloat16) <- exact (float32), rounded to the bfloat16 neighbour below or above at random, the one
+    above with the probability of how far exact lies towards it: right on average. A bfloat16 is the top 16
+    bits of a float32, so: add 16 random low bits (a carry into the top half is that probability), cut them."""
+    noise = torch.empty_like(exact, dtype=torch.int32).random_(generator=generator).bitwise_and_(0xFFFF)
+    out.copy_(noise.add_(exact.view(torch.int32)).bitwise_and_(-1 << 16).view(torch.float32))
+
+
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """AdamW for bfloat16 weights that keeps small updates (--dtype bfloat16-sr). Each step is computed in
+    float32 and rounded back to bfloat16 stochastically: an update of a tenth of the bfloat16 spacing moves
+    its weight by one spacing, one step in ten, where round-to-nearest (pure-bfloat16) drops it every time.
+    The second moment needs it too (decaying by 0.1% a step, below half of bfloat16's 0.8% relative spacing,
+    it would never decay); the first moment moves by 10% of the gradient's difference a step and rounds to
+    nearest. Memory is pure bfloat16's: the float32 values exist for one chunk of a tensor at a time. The
+    random stream is part of the state (resume is exact), and the same on every process (DDP replicas stay
+    equal)."""
+    chunk = 1 << 22
+
+    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, seed=0):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+        self.generator = torch.Generator(self.param_groups[0]["params"][0].device).manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                for w, g, m, v in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
+                    g = g.float()
+                    m_exact = m.float().lerp_(g, 1 - beta1)
+                    v_exact = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    w_exact = w.float().mul_(1 - lr * decay)
+                    w_exact.addcdiv_(m_exact, v_exact.div(bias2).sqrt_().add_(eps), value=-lr / bias1)
+                    m.copy_(m_exact)
+                    round_stochastic_(v, v_exact, self.generator)
+                    round_stochastic_(w, w_exact, self.generator)
+
+    def state_dict(self):
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict):
+        self.generator.set_state(state_dict["generator"])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator"})
 
 
 def learning_rate(step, total_steps, args):
@@ -444,12 +500,15 @@ def check_on_policy(args):
 # Setting a run up: precision, data, model, processes, resume
 
 
-def pick_precision(name, device):
+def pick_precision(name, device, fsdp=False):
     """(mode, weights dtype, autocast dtype) for --dtype; an error if the device cannot run it."""
     if name == "auto":
         name = "bfloat16" if device.startswith("cuda") else "float32"
     if "bfloat16" in name and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float32")
+    if name == "bfloat16-sr" and fsdp:
+        raise ValueError("--dtype bfloat16-sr with --fsdp is not supported: its AdamW rounds whole tensors, "
+                         "and FSDP2 hands it shards; use DDP (no --fsdp), or --fsdp with --dtype bfloat16")
     return (name, *PRECISIONS[name])
 
 
@@ -649,7 +708,7 @@ def main(argv=None):
     if not resume_state:
         check_out_dir(out)
     check_on_policy(args)
-    precision = pick_precision(args.dtype, device)
+    precision = pick_precision(args.dtype, device, args.fsdp)
     mode, weights_dtype, autocast_dtype = precision
     use_autocast = autocast_dtype and not args.fsdp  # FSDP casts for compute itself
     autocast = torch.autocast(device.split(":")[0], autocast_dtype) if use_autocast else None
@@ -673,7 +732,7 @@ def main(argv=None):
     if args.compile:
         model.compile_blocks()
     trained = wrap(model, args, precision, world_size)  # what forward and backward go through
-    optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay)
+    optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, mode, args.seed)
     if resume_state:
         load_optimizer_state(trained, optimizer, resume_state["optimizer"], args)
         torch.set_rng_state(resume_state["rng"])

@@ -107,3 +107,17 @@ def test_converge_trains_until_the_target_loss(tmp_path, capsys):
     bench.main(["converge", "--target_loss", "0.0001", "--eval_every", "200", "--json", "--", *train_flags,
                 "--epochs", "1"])
     assert not last_json(capsys)["reached"]
+
+
+def test_memory_estimate_counts_bytes_per_parameter_by_precision(capsys):
+    bench.main(["memory", "--model", "random-0.6B", "--json"])
+    result = last_json(capsys)
+    params = result["params"]
+    assert 0.59e9 < params < 0.61e9  # Qwen3-0.6B, tied embeddings
+    # weights, gradients and AdamW's two moments: 4 x 4 bytes in float32, 4 x 2 in bfloat16
+    for mode, per_param in (("float32", 16), ("bfloat16", 16), ("pure-bfloat16", 8), ("bfloat16-sr", 8)):
+        assert result[mode]["state_gib"] == pytest.approx(params * per_param / 2**30)
+    assert result["bfloat16-sr"]["total_gib"] == result["pure-bfloat16"]["total_gib"] < 10
+    assert result["bfloat16"]["total_gib"] > 12
+    bench.main(["memory", "--model", "random-0.6B", "--processes", "2", "--json"])
+    assert "bfloat16-sr" not in last_json(capsys)  # no FSDP for it

@@ -87,9 +87,10 @@ def test_sigint_saves_a_checkpoint_and_resume_equals_uninterrupted(synth, tmp_pa
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_resume_extends_a_finished_run_as_if_it_had_been_longer(synth, tmp_path, capsys):
-    train.main(run_args(synth, tmp_path / "two", "--dtype", "float32", "--batch_size", "4"))
-    train.main(run_args(synth, tmp_path / "one", "--dtype", "float32", "--batch_size", "4", "--epochs", "1"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16-sr"])  # -sr: its random stream is resumed too
+def test_resume_extends_a_finished_run_as_if_it_had_been_longer(synth, tmp_path, capsys, dtype):
+    train.main(run_args(synth, tmp_path / "two", "--dtype", dtype, "--batch_size", "4"))
+    train.main(run_args(synth, tmp_path / "one", "--dtype", dtype, "--batch_size", "4", "--epochs", "1"))
     train.main(["--resume", str(tmp_path / "one"), "--epochs", "2"])
     assert losses(tmp_path / "one" / "metrics.csv") == losses(tmp_path / "two" / "metrics.csv")
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -129,6 +130,7 @@ def test_learning_rate_schedules():
     (["--kd_loss", "jsd", "--jsd_beta", "1.5", "--teacher", "tiny"], "jsd_beta"),
     (["--validation_size", "500"], "leaves no training examples"),
     (["--max_seq_len", "10"], "leaves no training examples"),
+    (["--dtype", "bfloat16-sr", "--fsdp"], "bfloat16-sr with --fsdp is not supported"),
 ])
 def test_bad_settings_fail_before_any_work_and_write_nothing(synth, tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
@@ -300,8 +302,10 @@ def real_width_batch():
     ]
 
 
+# bfloat16-sr: a weight moves one bfloat16 spacing with the probability update / spacing (0.08 a step here)
 @pytest.mark.parametrize("mode, min_changed, max_changed", [("float32", 0.99, 1.0), ("bfloat16", 0.99, 1.0),
-                                                           ("pure-bfloat16", 0.0, 0.5)])
+                                                           ("pure-bfloat16", 0.0, 0.5),
+                                                           ("bfloat16-sr", 0.1, 0.6)])
 def test_real_widths_train_save_and_generate_in_each_precision(
     mode, min_changed, max_changed, real_width_batch, tmp_path
 ):
@@ -310,7 +314,7 @@ def test_real_widths_train_save_and_generate_in_each_precision(
     torch.manual_seed(0)
     model = qwen3.Qwen3(cfg).to(weights_dtype)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    optimizer = train.adamw(model.parameters(), "cpu", lr=1e-5, weight_decay=0.01, precision=mode)
     autocast = torch.autocast("cpu", autocast_dtype) if autocast_dtype else None
     step = Namespace(per_example_mean=False, kd_weight=0.0)
     for _ in range(3):  # train.py's own step: chunked answer loss, backward, clipping, AdamW
@@ -332,6 +336,47 @@ def test_real_widths_train_save_and_generate_in_each_precision(
                                                                     loaded.state_dict().values()))
     answer = qwen3.generate(loaded, [[1, 2, 3, 4]], 3)[0]
     assert len(answer) == 3 and all(0 <= t < 151_936 for t in answer)
+
+
+def test_stochastic_rounding_is_right_on_average():
+    g = torch.Generator().manual_seed(0)
+    spacing = 2.0 ** -7  # between bfloat16 neighbours in [1, 2)
+    for start, share in ((1.0, 0.3), (-1.0, 0.3), (1.5, 0.01), (1.0, 0.0)):
+        exact = torch.full((100_000,), start + math.copysign(share * spacing, start))
+        rounded = torch.empty(100_000, dtype=torch.bfloat16)
+        train.round_stochastic_(rounded, exact, g)
+        moved = (rounded.double() - start).abs() / spacing
+        assert set(moved.unique().tolist()) <= {0.0, 1.0}  # only the two neighbours
+        assert moved.mean().item() == pytest.approx(share, abs=0.005)  # exactly representable: never moves
+
+
+def test_bfloat16_sr_keeps_the_updates_that_float32_master_weights_make(real_width_batch):
+    """Three AdamW steps at lr 1e-5 on the real widths from one start: the weights' movement, summed along the
+    float32 master weights' movement, is about all of it with stochastic rounding and little of it with
+    round-to-nearest (updates of about a tenth of the bfloat16 spacing)."""
+    cfg = qwen3.Qwen3Config(num_hidden_layers=2)
+    torch.manual_seed(0)
+    start = qwen3.Qwen3(cfg).to(torch.bfloat16).state_dict()
+    moved = {}
+    for mode in ("bfloat16", "bfloat16-sr", "pure-bfloat16"):
+        _, weights_dtype, autocast_dtype = train.pick_precision(mode, "cpu")
+        model = qwen3.Qwen3(cfg).to(weights_dtype)
+        model.load_state_dict(start)
+        optimizer = train.adamw(model.parameters(), "cpu", lr=1e-5, weight_decay=0.01, precision=mode)
+        autocast = torch.autocast("cpu", autocast_dtype) if autocast_dtype else None
+        for _ in range(3):
+            train.forward_backward(model, real_width_batch, Namespace(per_example_mean=False, kd_weight=0.0),
+                                   "cpu", autocast=autocast)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        moved[mode] = torch.cat([(p.detach().double() - start[n].double()).flatten()
+                                 for n, p in model.named_parameters()])
+        del model, optimizer
+    master = moved["bfloat16"]
+    kept = {mode: (moved[mode] * master.sign()).sum().item() / master.abs().sum().item() for mode in moved}
+    assert kept["bfloat16"] == 1.0
+    assert 0.8 < kept["bfloat16-sr"] < 1.2, kept
+    assert kept["pure-bfloat16"] < 0.5, kept
 
 
 # -----------------------------------------------------------------------------
