@@ -1,8 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
 import bench
+import qwen3
 
 
 def last_json(capsys):
@@ -30,9 +32,21 @@ def test_train_benchmark_reports_every_figure(capsys):
         ]
     )
     result = last_json(capsys)
-    for key in ("tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "baseline_tokens_per_sec", "speedup"):
+    for key in ("tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "optimizer_step_s",
+                "baseline_tokens_per_sec", "speedup"):
         assert result[key] > 0, key
     assert result["mfu"] == result["tflops"] / 1.0
+
+
+def test_train_benchmark_of_some_blocks_in_stochastic_rounding_counts_the_moved_weights(capsys):
+    bench.main(["train", "--model", "tiny", "--layers", "1", "--dtype", "bfloat16-sr", "--batch_size", "2",
+                "--seq_len", "32", "--steps", "2", "--warmup", "0", "--count_changes", "--json"])
+    result = last_json(capsys)
+    assert result["precision"] == "bfloat16-sr" and result["optimizer_step_s"] > 0
+    # lr 1e-5 on weights of about 0.02-1: far below bfloat16's spacing, so stochastic rounding moves a few
+    assert 0 < result["changed_fraction"] < 0.5
+    one_block = qwen3.Qwen3(dataclasses.replace(qwen3.TINY, num_hidden_layers=1)).flops_per_token(32 * 3 // 4)
+    assert result["tflops"] * 1e12 / result["tokens_per_sec"] == pytest.approx(one_block)  # the FLOPs of 1 block
 
 
 def test_generate_benchmark_matches_sequential(capsys):

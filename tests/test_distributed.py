@@ -87,6 +87,25 @@ def test_soft_distillation_over_two_processes_equals_one(synth):
     assert_same_run(synth / "kd-two", synth / "kd-one")
 
 
+def test_on_policy_over_two_processes_equals_one(synth):
+    """Each process rolls out its own share of the step's prompts: the same answers, losses and log."""
+    on_policy = ["--teacher", "tiny", "--on_policy", "0.5", "--kd_loss", "reverse_kl", "--rollout_max_new_tokens",
+                 "8", "--epochs", "1"]
+    train.main(run_args(synth, synth / "op-one", "--grad_accum", "2", *on_policy))
+    torchrun("train.py", *run_args(synth, synth / "op-two", *on_policy))
+    flat = [[v for row in losses(synth / name) for v in row] for name in ("op-two", "op-one")]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-5)
+    # gradients summed in another order: AdamW turns a last-bit difference in a tiny gradient into ~1e-6
+    wa, wb = (qwen3.read_checkpoint(synth / name)["model"] for name in ("op-two", "op-one"))
+    assert all(torch.allclose(wa[name], wb[name], atol=2e-5, rtol=1e-4) for name in wa)
+
+    def rollout_log(name):
+        with open(synth / name / "metrics.csv", newline="") as f:
+            return [float(r[f"rollout_{k}"]) for r in csv.DictReader(f) for k in ("len", "cut", "boxed", "kd")]
+    assert rollout_log("op-two") == pytest.approx(rollout_log("op-one"), rel=1e-5, abs=1e-5)  # 6 digits
+    assert all(length > 0 for length in rollout_log("op-one")[::4])  # answers were written
+
+
 def test_bfloat16_sr_over_two_processes_trains_as_one_and_keeps_the_replicas_equal(synth, tmp_path):
     sr = ["--dtype", "bfloat16-sr", "--epochs", "1"]
     train.main(run_args(synth, synth / "sr-one", "--grad_accum", "2", *sr))
