@@ -107,9 +107,10 @@ def test_on_policy_loss_is_the_reverse_kl_over_the_students_own_answer(setup):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_the_log_has_the_rollouts(setup, tmp_path):
-    train.main(run_args(setup, tmp_path / "full", "--on_policy", "0.5"))
-    train.main(run_args(setup, tmp_path / "part", "--on_policy", "0.5", "--epochs", "1"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16-sr"])  # with soft KD on the other half of each step
+def test_resume_reproduces_the_uninterrupted_run_and_the_log_has_the_rollouts(setup, tmp_path, dtype):
+    train.main(run_args(setup, tmp_path / "full", "--on_policy", "0.5", "--dtype", dtype))
+    train.main(run_args(setup, tmp_path / "part", "--on_policy", "0.5", "--dtype", dtype, "--epochs", "1"))
     train.main(["--resume", str(tmp_path / "part"), "--epochs", "2"])
     full, part = rows_of(tmp_path / "full"), rows_of(tmp_path / "part")
     losses = ("epoch", "total_steps", "train_loss", "val_loss", "train_ce", "train_kd", "rollout_len",
