@@ -115,7 +115,8 @@ def bench_train(args, model, device, rank, world_size):
     tokens_per_sec, memory, optimizer_s = measure(model)
     flops = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
     result = {"mode": "train", "precision": precision[0], "tokens_per_sec": tokens_per_sec,
-              "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory, "optimizer_step_s": optimizer_s}
+              "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory,
+              "optimizer_step_s": optimizer_s}
     if before:  # AdamW at lr 1e-5: how many weights did its steps move at all?
         changed = sum((p != b).sum().item() for p, b in zip(model.parameters(), before))
         result["changed_fraction"] = changed / model.num_params()
@@ -216,7 +217,8 @@ def bench_converge(args, train_argv):
     model = qwen3.load_model(targs.model, device, precision[1], targs.cache_dir, targs.seed)
     tok = qwen3.load_tokenizer(targs.model, targs.which_model, targs.cache_dir)
     train_examples, val = train.load_examples(targs, tok, say=lambda *a: None)
-    optimizer = train.adamw(model.parameters(), device, targs.lr, targs.weight_decay, precision[0], targs.seed)
+    optimizer = train.adamw(model.parameters(), device, targs.lr, targs.weight_decay, precision[0],
+                            targs.seed)
     total_steps = len(train.optimizer_steps(train_examples, targs, 1, 1)) * targs.epochs
     all_steps = (step for epoch in range(1, targs.epochs + 1)
                  for step in train.optimizer_steps(train_examples, targs, epoch, 1))

@@ -365,7 +365,8 @@ def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
 def round_stochastic_(out, exact, generator):
     """out (bfloat16) <- exact (float32), rounded to the bfloat16 neighbour below or above at random, the one
     above with the probability of how far exact lies towards it: right on average. A bfloat16 is the top 16
-    bits of a float32, so: add 16 random low bits (a carry into the top half is that probability), cut them."""
+    bits of a float32, so: add 16 random low bits (a carry into the top half has that probability), cut
+    them off."""
     noise = torch.empty_like(exact, dtype=torch.int32).random_(generator=generator).bitwise_and_(0xFFFF)
     out.copy_(noise.add_(exact.view(torch.int32)).bitwise_and_(-1 << 16).view(torch.float32))
 

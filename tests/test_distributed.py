@@ -89,8 +89,8 @@ def test_soft_distillation_over_two_processes_equals_one(synth):
 
 def test_on_policy_over_two_processes_equals_one(synth):
     """Each process rolls out its own share of the step's prompts: the same answers, losses and log."""
-    on_policy = ["--teacher", "tiny", "--on_policy", "0.5", "--kd_loss", "reverse_kl", "--rollout_max_new_tokens",
-                 "8", "--epochs", "1"]
+    on_policy = ["--teacher", "tiny", "--on_policy", "0.5", "--kd_loss", "reverse_kl",
+                 "--rollout_max_new_tokens", "8", "--epochs", "1"]
     train.main(run_args(synth, synth / "op-one", "--grad_accum", "2", *on_policy))
     torchrun("train.py", *run_args(synth, synth / "op-two", *on_policy))
     flat = [[v for row in losses(synth / name) for v in row] for name in ("op-two", "op-one")]
@@ -101,7 +101,8 @@ def test_on_policy_over_two_processes_equals_one(synth):
 
     def rollout_log(name):
         with open(synth / name / "metrics.csv", newline="") as f:
-            return [float(r[f"rollout_{k}"]) for r in csv.DictReader(f) for k in ("len", "cut", "boxed", "kd")]
+            return [float(r[f"rollout_{k}"]) for r in csv.DictReader(f)
+                    for k in ("len", "cut", "boxed", "kd")]
     assert rollout_log("op-two") == pytest.approx(rollout_log("op-one"), rel=1e-5, abs=1e-5)  # 6 digits
     assert all(length > 0 for length in rollout_log("op-one")[::4])  # answers were written
 
