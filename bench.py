@@ -256,8 +256,9 @@ def bench_converge(args, train_argv):
 def bench_memory(args):
     """Training memory per GPU for a model shape, estimated on the CPU: weights, gradients and AdamW state by
     precision mode (bytes per parameter), the activations autograd keeps for backward (measured on a one- and
-    a two-block model at 256 tokens, scaled to the blocks and tokens asked for) and the largest chunk of the
-    loss. With --processes N, FSDP's shards: the state divided by N, plus the blocks gathered at a time."""
+    a two-block model at 256 tokens, scaled to the blocks and tokens asked for) and the loss's working memory
+    (the largest chunk of logits; with bfloat16 weights also the head's gradient, summed in float32). With
+    --processes N, FSDP's shards: the state divided by N, plus the blocks gathered at a time."""
     cfg = qwen3.RANDOM_CONFIGS[args.model]
     params = qwen3._empty_model(cfg, "meta", torch.float32).num_params()
     one_block = qwen3._empty_model(dataclasses.replace(cfg, num_hidden_layers=1), "meta", torch.float32)
@@ -277,6 +278,8 @@ def bench_memory(args):
         copies, per_block, fixed = _saved_tensors(cfg, weights_dtype, autocast_dtype)
         activations = (fixed + per_block * cfg.num_hidden_layers) * result["tokens"] / 256
         chunk = 512 * cfg.vocab_size * (4 + 4 + 2)  # float32 logits and their gradient, its bfloat16 copy
+        if weights_dtype != torch.float32:  # the head's gradient, summed over the chunks in float32
+            chunk += cfg.vocab_size * cfg.hidden_size * 4
         result[mode] = {"state_gib": state / 2**30, "weight_copies_gib": copies / 2**30,
                         "activations_gib": activations / 2**30, "loss_chunk_gib": chunk / 2**30,
                         "total_gib": (state + copies + activations + chunk) / 2**30}
@@ -318,7 +321,7 @@ def report_memory(args, result):
         r = result[mode]
         print(f"  {mode:>13}: {r['total_gib']:6.1f} = weights, gradients and AdamW {r['state_gib']:.1f} + "
               f"bfloat16 weight copies {r['weight_copies_gib']:.1f} + activations "
-              f"{r['activations_gib']:.1f} + loss chunk {r['loss_chunk_gib']:.1f}")
+              f"{r['activations_gib']:.1f} + loss {r['loss_chunk_gib']:.1f}")
 
 # -----------------------------------------------------------------------------
 # Generation and data preparation

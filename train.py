@@ -380,7 +380,6 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     nearest. Memory is pure bfloat16's: the float32 values exist for one chunk of a tensor at a time. The
     random stream is part of the state (resume is exact), and the same on every process (DDP replicas stay
     equal)."""
-    chunk = 1 << 22
 
     def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, seed=0):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
@@ -397,7 +396,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                for w, g, m, v in zip(*(t.view(-1).split(self.chunk) for t in tensors)):
+                chunk = 1 << 18 if p.device.type == "cpu" else 1 << 22  # CPU: 1 MB float32 chunks stay in cache
+                for w, g, m, v in zip(*(t.view(-1).split(chunk) for t in tensors)):
                     g = g.float()
                     m_exact = m.float().lerp_(g, 1 - beta1)
                     v_exact = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
