@@ -396,7 +396,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                chunk = 1 << 18 if p.device.type == "cpu" else 1 << 22  # CPU: 1 MB float32 chunks stay in cache
+                chunk = 1 << 18 if p.device.type == "cpu" else 1 << 22  # CPU: float32 chunks stay in cache
                 for w, g, m, v in zip(*(t.view(-1).split(chunk) for t in tensors)):
                     g = g.float()
                     m_exact = m.float().lerp_(g, 1 - beta1)
