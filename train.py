@@ -376,10 +376,10 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     float32 and rounded back to bfloat16 stochastically: an update of a tenth of the bfloat16 spacing moves
     its weight by one spacing, one step in ten, where round-to-nearest (pure-bfloat16) drops it every time.
     The second moment needs it too (decaying by 0.1% a step, under half of bfloat16's relative spacing of
-    0.4-0.8%, it would never decay); the first moment moves by 10% of the gradient's difference a step and rounds to
-    nearest. Memory is pure bfloat16's: the float32 values exist for one chunk of a tensor at a time. The
-    random stream is part of the state (resume is exact), and the same on every process (DDP replicas stay
-    equal)."""
+    0.4-0.8%, it would never decay); the first moment moves by 10% of the gradient's difference a step and
+    rounds to nearest. Memory is pure bfloat16's: the float32 values exist for one chunk of a tensor at a
+    time. The random stream is part of the state (resume is exact), and the same on every process (DDP
+    replicas stay equal)."""
 
     def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, seed=0):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
