@@ -266,8 +266,10 @@ def bench_memory(args):
     result = {"mode": "memory", "model": args.model, "params": params,
               "tokens": args.batch_size * args.seq_len}
     for mode, (weights_dtype, autocast_dtype) in train.PRECISIONS.items():
-        if mode == "bfloat16-sr" and args.processes > 1:
-            continue  # not with FSDP (train.pick_precision says why)
+        try:
+            train.pick_precision(mode, "cpu", fsdp=args.processes > 1)
+        except ValueError:
+            continue  # a mode FSDP cannot run (train.pick_precision says why)
         weight_bytes = torch.finfo(weights_dtype).bits // 8
         state = params * weight_bytes * 4  # weights, gradients, AdamW's two moments: in the weights' dtype
         if args.processes > 1:  # FSDP: a 1/N shard of it, and two blocks gathered at a time (one prefetched),
