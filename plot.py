@@ -1,10 +1,12 @@
 """
-Charts: loss curves of training runs, accuracy of evaluations (error bars, protocol), answer lengths.
+Charts: loss curves of training runs, accuracy of evaluations (error bars, protocol), answer lengths,
+accuracy against training time.
 
     python plot.py loss out/metrics.csv --out loss.png
     python plot.py loss runA/metrics.csv runB/metrics.csv --labels A B --out compare.png
     python plot.py accuracy base.summary.json distilled.summary.json --out accuracy.png
     python plot.py lengths distilled.jsonl --out lengths.png
+    python plot.py progress runA/*.summary.json runB/*.summary.json --out progress.png
 """
 import csv
 import json
@@ -129,6 +131,53 @@ def plot_lengths(paths, labels, out, show):
     return save(fig, out, show)
 
 
+def plot_progress(paths, labels, out, show, start=None):
+    """Accuracy against training time: each file is the evaluation of one train.py checkpoint, which records
+    its training seconds. The checkpoints of one run directory make a line; files with the same label share a
+    colour (an arm's seeds). start: the evaluation of the checkpoint the runs began from, at 0 s."""
+    import matplotlib.pyplot as plt
+    runs = progress_points(paths, labels)
+    first = [(0.0, 100 * read_summary(start)["accuracy"])] if start else []
+    colors = {label: f"C{n}" for n, label in enumerate(dict.fromkeys(label for label, _ in runs))}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    named = set()  # one legend entry a label
+    for (label, run), points in runs.items():
+        ax.plot(*zip(*first, *sorted(points)), marker="o", markersize=4, color=colors[label], alpha=0.8,
+                label=None if label in named else label)
+        named.add(label)
+    ax.set_xlabel("Training time (s)")
+    ax.set_ylabel("Accuracy, pass@1 (%)")
+    protocol = evaluate.describe_protocol(read_summary(paths[0]).get("protocol", {}))
+    ax.set_title(f"Accuracy during training ({protocol})", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save(fig, out, show)
+
+
+def progress_points(paths, labels=None):
+    """{(label, run directory): [(training seconds, accuracy %)]}; default label: the run directory's name."""
+    runs = {}
+    for path, label in zip(paths, labels or [None] * len(paths)):
+        summary = read_summary(path)
+        seconds, run = training_time(summary, path)
+        runs.setdefault((label or run.name, run), []).append((seconds, 100 * summary["accuracy"]))
+    return runs
+
+
+def training_time(summary, path):
+    """(training seconds, run directory) of the checkpoint an evaluate.py summary graded."""
+    checkpoint = Path(summary.get("protocol", {}).get("model", ""))
+    try:
+        seconds = qwen3.read_checkpoint(checkpoint, mmap=True).get("elapsed_s")
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{path}: it graded {checkpoint}, not a train.py checkpoint here ({err})") from None
+    if seconds is None:
+        raise ValueError(f"{path}: checkpoint {checkpoint} does not record its training time (written by an "
+                         "older train.py)")
+    return seconds, checkpoint if checkpoint.is_dir() else checkpoint.parent
+
+
 def save(fig, out, show):
     import matplotlib.pyplot as plt
     fig.savefig(out, dpi=150)
@@ -142,13 +191,17 @@ def parse_args(argv=None):
     p, sub = qwen3.parser(__doc__, default="the kind of chart its files call for (metrics CSVs: loss)",
                           loss="loss curves from metrics CSVs (train.py's or the reference's)",
                           accuracy="accuracy bars from evaluate.py summaries",
-                          lengths="answer-length histograms from evaluate.py records")
-    inputs = {"loss": "metrics CSVs", "accuracy": "OUT.summary.json files", "lengths": "OUT.jsonl files"}
+                          lengths="answer-length histograms from evaluate.py records",
+                          progress="accuracy against training time from evaluations of checkpoints")
+    inputs = {"loss": "metrics CSVs", "accuracy": "OUT.summary.json files", "lengths": "OUT.jsonl files",
+              "progress": "OUT.summary.json files of train.py checkpoints (evaluate.py --checkpoint_path)"}
     for name, s in sub.items():
         s.add_argument("paths", nargs="+", help=inputs[name])
-        s.add_argument("--labels", nargs="+", help="legend labels, one per file (default: file names)")
+        s.add_argument("--labels", nargs="+", help="legend labels, one per file (default: "
+                       + ("run directories)" if name == "progress" else "file names)"))
         s.add_argument("--out", default=f"{name}.png", help="image file")
         s.add_argument("--show", action="store_true", help="also open a window (needs a display)")
+    sub["progress"].add_argument("--start", help="the summary of the checkpoint the runs began from (0 s)")
     return p.parse_args(qwen3.with_command(argv, sub, chart_for))
 
 
@@ -173,6 +226,8 @@ def main(argv=None):
     import matplotlib
     if not args.show:
         matplotlib.use("Agg")  # headless by default
+    if args.cmd == "progress":  # default labels: the run directories
+        return plot_progress(args.paths, args.labels, args.out, args.show, args.start)
     plot = {"loss": plot_losses, "accuracy": plot_accuracy, "lengths": plot_lengths}[args.cmd]
     plot(args.paths, labels, args.out, args.show)
 

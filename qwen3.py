@@ -725,9 +725,9 @@ def save_checkpoint(path, model, tokenizer, weights=None, **extra):
     return path
 
 
-def read_checkpoint(path, device="cpu"):
+def read_checkpoint(path, device="cpu", mmap=False):
     """The checkpoint dict, never unpickling anything but tensors and plain data (weights_only=True).
-    A run directory stands for its latest epoch checkpoint."""
+    A run directory stands for its latest epoch checkpoint. mmap: tensors are read only when touched."""
     if Path(path).is_dir():
         epochs = sorted(Path(path).glob("*-step*-epoch*.pth"),
                         key=lambda p: int(re.search(r"-step(\d+)-", p.name).group(1)))
@@ -735,7 +735,7 @@ def read_checkpoint(path, device="cpu"):
             raise FileNotFoundError(f"no epoch checkpoint (*-step*-epoch*.pth) in {path}")
         path = epochs[-1]
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:

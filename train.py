@@ -765,7 +765,8 @@ def main(argv=None):
         if resumable:
             extra.update(optimizer=optimizer_state, position=asdict(pos), rng=torch.get_rng_state())
         if master:
-            qwen3.save_checkpoint(path, model, tok, weights=weights, args=vars(args), **extra)
+            qwen3.save_checkpoint(path, model, tok, weights=weights, args=vars(args), elapsed_s=pos.elapsed_s,
+                                  **extra)
         return path
 
     def log(epoch, steps, ce, kd, written_kd, val_loss, tokens_per_sec):

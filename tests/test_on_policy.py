@@ -124,6 +124,33 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_log_has_the_rollouts(se
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_on_policy_0_trains_as_the_plain_loop_without_rollouts_to_the_bit(setup, tmp_path, soft):
+    """The off setting is today's hard or soft training: train.py's weights equal those of a bare loop over
+    the same steps (loss, backward, AdamW), with no rollout code anywhere in it."""
+    argv = run_args(setup, tmp_path / "run", "--on_policy", "0", "--epochs", "1", "--kd_loss", "forward_kl")
+    if not soft:
+        del argv[argv.index("--teacher"):argv.index("--teacher") + 2]
+    train.main(argv)
+    args, tok = train.parse_args(argv), qwen3.load_tokenizer("tiny", "base")
+    model = qwen3.load_model("tiny", seed=args.seed)
+    teacher = train.Teacher(args, tok, 320, "cpu") if soft else None
+    examples, _ = train.load_examples(args, tok, say=lambda *a: None)
+    optimizer = train.adamw(model.parameters(), "cpu", args.lr, args.weight_decay)
+    steps = train.optimizer_steps(examples, args, 1, 1)
+    model.train()
+    for step, micro_batches in enumerate(steps):
+        tokens = sum(train.answer_len(e) for batch in micro_batches for e in batch)
+        for batch in micro_batches:
+            ce, kd = train.answer_loss(model, batch, [1 / tokens] * len(batch), "cpu", teacher)
+            (0.5 * ce + 0.5 * kd if soft else ce).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    trained = qwen3.read_checkpoint(tmp_path / "run")["model"]
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+    assert not any(rows_of(tmp_path / "run")[0][k] for k in train.CSV_COLUMNS if k.startswith("rollout"))
+
+
 def test_a_file_of_problems_alone_trains_fully_on_policy(setup, tmp_path):
     args = run_args(setup, tmp_path / "run", "--on_policy", "1", "--epochs", "1")
     args[args.index("--data_path") + 1] = str(setup[0] / "problems.json")

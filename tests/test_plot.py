@@ -4,6 +4,7 @@ import json
 import pytest
 
 import plot
+import qwen3
 
 
 def test_reference_logs_render_and_summary_rows_stay_out_of_the_train_curve(shared_data, tmp_path):
@@ -101,3 +102,31 @@ def test_length_chart_marks_the_cap(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"index": 0}) + "\n")
     with pytest.raises(ValueError, match="not evaluate.py generate records"):
         plot.main(["lengths", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b.png")])
+
+
+def test_progress_chart_places_each_checkpoint_at_its_training_time(tmp_path):
+    model, tok = qwen3.load_model("tiny"), qwen3.load_tokenizer("tiny", "base")
+    summaries = []
+    for run, seconds, acc in [("hard-1", 30.0, 0.5), ("hard-1", 60.0, 0.6), ("hard-2", 31.0, 0.4),
+                              ("onpolicy-1", 29.0, 0.3)]:
+        checkpoint = qwen3.save_checkpoint(tmp_path / run / f"t{seconds:.0f}.pth", model, tok,
+                                           elapsed_s=seconds)
+        summary = tmp_path / run / f"t{seconds:.0f}.summary.json"
+        summary.write_text(json.dumps({"accuracy": acc, "protocol": {"model": str(checkpoint)}}))
+        summaries.append(str(summary))
+    labels = ["hard", "hard", "hard", "on-policy"]
+    assert plot.progress_points(summaries, labels) == {
+        ("hard", tmp_path / "hard-1"): [(30.0, 50.0), (60.0, 60.0)],
+        ("hard", tmp_path / "hard-2"): [(31.0, 40.0)], ("on-policy", tmp_path / "onpolicy-1"): [(29.0, 30.0)]}
+    assert [label for label, _ in plot.progress_points(summaries[2:])] == ["hard-2", "onpolicy-1"]
+    plot.main(["progress", *summaries, "--labels", *labels, "--start", summaries[0], "--out",
+               str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    qwen3.save_checkpoint(tmp_path / "old.pth", model, tok)  # from before checkpoints kept their time
+    for name, model_name in [("old", str(tmp_path / "old.pth")), ("api", "m at http://127.0.0.1:1/v1")]:
+        summary = {"accuracy": 1, "protocol": {"model": model_name}}
+        (tmp_path / f"{name}.summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="does not record its training time"):
+        plot.main(["progress", str(tmp_path / "old.summary.json")])
+    with pytest.raises(ValueError, match="not a train.py checkpoint here"):
+        plot.main(["progress", str(tmp_path / "api.summary.json")])

@@ -62,6 +62,7 @@ def test_training_run_logs_checkpoints_and_learns(synth, tmp_path):
     model, tok, state = qwen3.load_checkpoint(tmp_path / "run" / names[-1])
     assert state["epoch"] == 2 and tok.kind == "base"
     assert state["val_loss"] == pytest.approx(float(rows[-1]["val_loss"]), abs=1e-6)
+    assert state["elapsed_s"] == pytest.approx(float(rows[-1]["elapsed_s"]), abs=0.06)  # plot.py progress
     assert json.loads((tmp_path / "run" / "args.json").read_text())["batch_size"] == 4
 
 
