@@ -521,24 +521,34 @@ class Tokenizer:
         return self.tok.get_vocab(with_added_tokens=True)
 
 
+# The tiny tokenizer's merges are learned from this one example of the walkthrough's text (data.py's
+# prompt template, a sum, its trace and answer). In bytes its sequences were 203 tokens, three quarters of
+# them the prompt; with the merges that fill the tiny vocabulary they are 92, and the CPU walkthrough
+# trains twice as fast.
+TINY_TOKENIZER_TEXT = ("You are a helpful math assistant.\nAnswer the question and write the final result on "
+                       "a new line as:\n\\boxed{ANSWER}\n\nQuestion:\nWhat is 2 + 7 + 9?\n\nAnswer: "
+                       "2 + 7 + 9\n= 9 + 9\n= 18\n\nThe sum is 18.\n\n\\boxed{18}")
+
+
 def tiny_tokenizer_json():
-    """A byte-level tokenizer (256 byte tokens + the Qwen3 special-token strings) built in code."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    # id = byte value; the characters are ByteLevel's printable stand-ins for the 256 bytes (GPT-2's mapping)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = iter(range(256, 512))
-    vocab = {(chr(b) if b in printable else chr(next(others))): b for b in range(256)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    """A small BPE tokenizer built in code: the 256 bytes, the Qwen3 special-token strings, and merges
+    learned from TINY_TOKENIZER_TEXT up to the tiny model's vocabulary. Digits stay single tokens: a sum
+    sees each one."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TINY_TOKENIZER_TEXT], trainer)
     return tok.to_str()
 
 
 def load_tokenizer(name_or_path, kind="base", cache_dir=None):
     """Tokenizer from a repo id, a local model directory, a tokenizer.json file, or 'tiny' / 'random-0.6B'."""
-    if name_or_path in RANDOM_CONFIGS:  # the random models use the byte-level tokenizer
+    if name_or_path in RANDOM_CONFIGS:  # the random models use the tiny tokenizer
         return Tokenizer(tiny_tokenizer_json(), kind)
     path = Path(name_or_path)
     if path.is_dir():

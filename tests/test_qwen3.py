@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import data
 import qwen3
 
 CONFIGS = [  # GQA ratios, tied and untied heads, head_dim != hidden / heads
@@ -303,7 +304,19 @@ def test_tiny_tokenizer_special_tokens_and_chat_template():
     )
     assert tok.eos_token_id == specials["<|im_end|>"]
     assert qwen3.load_tokenizer("tiny", "base").eos_token_id == specials["<|endoftext|>"]
-    assert qwen3.load_tokenizer("tiny").encode("héllo ∑") == list("héllo ∑".encode())  # bytes, in order
+    tiny = qwen3.load_tokenizer("tiny", "base")
+    for text in ["héllo ∑ \x00\xff", "12 + 345\n= 357", data.render_prompt("What is 1 + 2?")]:
+        assert tiny.decode(tiny.encode(text)) == text  # any text, byte for byte
+    assert [tiny.decode([i]) for i in tiny.encode("12 + 345")] == [*"12", " + ", *"345"]  # digits one by one
+    # the walkthrough's prompt (152 bytes) in under 80 tokens: the merges fit the project's own template
+    assert len(tiny.encode(data.render_prompt("What is 1 + 2 + 3?"))) < 80
+    # built by training, yet the same in every process (torchrun ranks and the token cache rely on it)
+    import subprocess
+    import sys
+    code = "import hashlib, qwen3; print(hashlib.sha256(qwen3.tiny_tokenizer_json().encode()).hexdigest())"
+    others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=qwen3.Path(qwen3.__file__).parent).stdout.strip() for _ in range(2)}
+    assert others == {tiny.sha256}
     with pytest.raises(ValueError, match="kind"):
         qwen3.load_tokenizer("tiny", "chat")
 
