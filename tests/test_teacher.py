@@ -154,8 +154,10 @@ def test_killed_at_a_random_moment_then_resumed_each_answer_exactly_once(tmp_pat
                                                      "2", "--temperature", "1.0", "--seed", "7")]
     env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     try:
+        # Ctrl-C's default action for the child, even if this test runs where SIGINT is ignored (a shell's
+        # background job), which the child would inherit and keep, as a program started with nohup should
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 3):
             time.sleep(0.01)
