@@ -13,6 +13,7 @@ per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU 
 """
 import argparse
 import collections
+import gc
 import hashlib
 import json
 import os
@@ -964,11 +965,23 @@ def add_flags(p, *names, registry=FLAGS, **overrides):
 
 def run(main):
     """Every script's entry point: expected errors (bad input, missing files, failed downloads) end the
-    program with one line, not a traceback."""
+    program with one line, not a traceback. Under torchrun the processes then end together, after main's
+    objects are gone: a DDP wrapper still alive when its process group goes made gloo abort now and then
+    at exit ("terminate called without an active exception": 4 of 20 two-process runs, 0 of 40 this way)."""
     try:
         main()
     except (ValueError, FileNotFoundError, DownloadError) as err:
         sys.exit(f"error: {err}")
+    end_processes()
+
+
+def end_processes():
+    """Leave the process group together (a barrier first: one process may still be working)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # what main left in reference cycles goes first, a DDP wrapper with it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def parse_args(argv=None):

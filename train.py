@@ -867,9 +867,6 @@ def main(argv=None):
     say(f"done in {qwen3.format_seconds(time.time() - start)}, peak memory "
         f"{qwen3.peak_memory_gib(device):.2f} GiB per process; wrote {out / 'metrics.csv'}, checkpoints in "
         f"{out} (last: {pos.last_checkpoint})")
-    if world_size > 1:  # an orderly end, together: a process that tears its group down (or exits) while
-        torch.distributed.barrier()  # another still works can abort ("terminate called...")
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

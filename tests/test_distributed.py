@@ -118,7 +118,7 @@ def test_bfloat16_sr_over_two_processes_trains_as_one_and_keeps_the_replicas_equ
     # each process rounds its own replica: with the same random stream they stay equal, bit for bit
     script = tmp_path / "replicas.py"
     script.write_text(f"""import sys; sys.path.insert(0, {str(ROOT)!r})
-import argparse, os, torch, qwen3, train
+import argparse, torch, qwen3, train
 rank, world_size, device = qwen3.init_processes("cpu")
 model = qwen3.load_model("tiny", dtype=torch.bfloat16, seed=0).train()
 ddp = train.wrap(model, argparse.Namespace(fsdp=False), None, world_size)
@@ -135,8 +135,8 @@ torch.distributed.all_gather(replicas, flat)
 moved = sum((p != s).sum().item() for p, s in zip(model.parameters(), start)) / flat.numel()
 if rank == 0:
     print("replicas equal:", torch.equal(*replicas), "moved:", round(moved, 2), flush=True)
-torch.distributed.barrier()
-os._exit(0)  # gloo's teardown at exit aborts now and then ("terminate called"), after the work is done
+del ddp  # then leave the group as every script does (qwen3.run)
+qwen3.end_processes()
 
 """)
     proc = torchrun(str(script), wait=False)
