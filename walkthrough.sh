@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole job offline on a CPU in about 5.5 minutes (2 cores): a synthetic teacher dataset, the untrained
+# The whole job offline on a CPU in about 5 minutes (2 cores): a synthetic teacher dataset, the untrained
 # student graded, distillation, the student graded again (greedy, then sampled with error bars), and the charts.
 #     bash walkthrough.sh [OUT_DIR]      (default: demo)
 set -euo pipefail
