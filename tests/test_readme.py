@@ -53,9 +53,12 @@ def test_walkthrough_block_is_the_script():
     assert "bash walkthrough.sh" in README and "bash walkthrough.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_test_command_is_the_one_ci_runs():
+def test_ci_installs_as_a_newcomer_and_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "python -m pytest -q tests" in README and "python3 -m pytest -q tests" in ci
+    assert "python -m pytest -q tests" in README and "python -m pytest -q tests" in ci
+    # a fresh virtual environment each run: the newest releases requirements.txt allows, as a newcomer gets
+    assert "python3 -m venv" in ci and "install --quiet --disable-pip-version-check -r requirements.txt" in ci
+    assert "python3 -m venv" in README and "pip install -r requirements.txt" in README
 
 
 def test_gpu_script_commands_parse_and_match_the_readme():
