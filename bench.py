@@ -111,14 +111,15 @@ def bench_train(args, model, device, rank, world_size):
                                                   precision[0])
         return tokens / seconds, qwen3.peak_memory_gib(device), optimizer_s / args.steps
 
-    before = [p.detach().clone() for p in model.parameters()] if args.count_changes else []
+    # the copies live on the host: on the device they would count in the peak memory measured next
+    before = [p.detach().to("cpu", copy=True) for p in model.parameters()] if args.count_changes else []
     tokens_per_sec, memory, optimizer_s = measure(model)
     flops = model.flops_per_token(args.seq_len * 3 // 4)  # the average length of the synthetic examples
     result = {"mode": "train", "precision": precision[0], "tokens_per_sec": tokens_per_sec,
               "tflops": flops * tokens_per_sec / 1e12, "peak_memory_gib": memory,
               "optimizer_step_s": optimizer_s}
     if before:  # AdamW at lr 1e-5: how many weights did its steps move at all?
-        changed = sum((p != b).sum().item() for p, b in zip(model.parameters(), before))
+        changed = sum((p.cpu() != b).sum().item() for p, b in zip(model.parameters(), before))
         result["changed_fraction"] = changed / model.num_params()
     if world_size > 1:  # the same steps again, gradients synchronised: what data parallelism costs
         trained = train.wrap(model, argparse.Namespace(fsdp=args.fsdp), precision, world_size)
@@ -135,7 +136,7 @@ def bench_train(args, model, device, rank, world_size):
         result.update(kd_tokens_per_sec=kd_tokens_per_sec, kd_time_ratio=tokens_per_sec / kd_tokens_per_sec,
                       kd_peak_memory_gib=kd_memory, kd_extra_memory_gib=kd_memory - memory)
         if args.on_policy_tokens:
-            result.update(bench_on_policy_step(args, model, teacher, examples, device, autocast))
+            result.update(bench_on_policy_step(args, model, teacher, examples, device, precision))
     if args.compare:  # the reference's loop: one example per step, full logits (train.plain_answer_loss)
         def reference_step(micro_batches):
             (example,) = micro_batches[0]
@@ -150,14 +151,16 @@ def bench_train(args, model, device, rank, world_size):
     return result
 
 
-def bench_on_policy_step(args, model, teacher, examples, device, autocast):
+def bench_on_policy_step(args, model, teacher, examples, device, precision):
     """One on-policy step (train.forward_backward with train.Rollouts) in its three parts: the student's
     rollout of --on_policy_tokens tokens per prompt (a random model rarely stops early: the cap is what is
     timed), the teacher's scoring, the student's forward and backward. The second of two steps is timed."""
     step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5, on_policy=1.0,
                                    rollout_temperature=1.0, rollout_max_new_tokens=args.on_policy_tokens,
                                    samples_per_prompt=1, seed=args.seed)
-    rollouts = train.Rollouts(step_args, qwen3.load_tokenizer(args.model))
+    autocast = autocast_for(precision, device)
+    compute_dtype = precision[2] or precision[1]
+    rollouts = train.Rollouts(step_args, qwen3.load_tokenizer(args.model), model, compute_dtype)
     batch = [{**e, "token_ids": torch.as_tensor(e["token_ids"]), "row": i}
              for i, e in enumerate(examples[:args.batch_size])]
     reset_peak_memory(device)
@@ -260,8 +263,8 @@ def bench_memory(args):
     (the largest chunk of logits; with bfloat16 weights also the head's gradient, summed in float32). With
     --processes N, FSDP's shards: the state divided by N, plus the blocks gathered at a time."""
     cfg = qwen3.RANDOM_CONFIGS[args.model]
-    params = qwen3._empty_model(cfg, "meta", torch.float32).num_params()
-    one_block = qwen3._empty_model(dataclasses.replace(cfg, num_hidden_layers=1), "meta", torch.float32)
+    params = qwen3.empty_model(cfg, "meta", torch.float32).num_params()
+    one_block = qwen3.empty_model(dataclasses.replace(cfg, num_hidden_layers=1), "meta", torch.float32)
     block = sum(p.numel() for p in one_block.layers.parameters())
     result = {"mode": "memory", "model": args.model, "params": params,
               "tokens": args.batch_size * args.seq_len}
@@ -293,7 +296,7 @@ def _saved_tensors(cfg, weights_dtype, autocast_dtype, tokens=256):
     per block, the rest), from one- and two-block models of the config's width."""
     totals = []
     for layers in (1, 2):
-        model = qwen3._empty_model(dataclasses.replace(cfg, num_hidden_layers=layers), "cpu", weights_dtype)
+        model = qwen3.empty_model(dataclasses.replace(cfg, num_hidden_layers=layers), "cpu", weights_dtype)
         own = {p.data_ptr() for p in model.parameters()}
         shapes = {tuple(p.shape) for p in model.parameters()}
         saved = {}  # storage -> (bytes, is a weight copy)
@@ -336,6 +339,7 @@ def bench_generate(args, model, device):
     model.eval()
     qwen3.generate(model, prompts[:2], 4)  # warm-up
     sync(device)
+    reset_peak_memory(device)  # generation's own peak, not loading's (float32 weights, then cast)
     start = time.time()
     out = qwen3.generate(model, prompts, args.max_new_tokens)
     sync(device)

@@ -323,7 +323,8 @@ def make_batches(examples, batch_size, seed, tokens_per_batch=0, group=1):
 
 def collate(batch, device="cpu"):
     """Right-padded (input_ids, targets, loss_mask): input = sequence[:-1], targets = sequence[1:], and the
-    loss covers positions prompt_len - 1 onwards, so only answer tokens (and eos) are predicted."""
+    loss covers positions prompt_len - 1 onwards, so only answer tokens (and eos) are predicted. Built on the
+    host; a GPU gets them without a wait (qwen3.to_device)."""
     width = max(len(e["token_ids"]) for e in batch) - 1
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     targets = torch.zeros(len(batch), width, dtype=torch.long)
@@ -333,7 +334,7 @@ def collate(batch, device="cpu"):
         n = len(ids) - 1
         input_ids[i, :n], targets[i, :n] = ids[:-1], ids[1:]
         loss_mask[i, e["prompt_len"] - 1:n] = True
-    return input_ids.to(device), targets.to(device), loss_mask.to(device)
+    return tuple(qwen3.to_device(t, device) for t in (input_ids, targets, loss_mask))
 
 
 def describe_skipped(skipped):

@@ -21,6 +21,7 @@ import random
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -129,8 +130,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer. Each forward first
-    calls `locate` with its tokens' positions; every layer then writes there and reads the filled prefix."""
+    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] pair per layer. Before each
+    forward the caller says where its tokens go (`locate`); every layer then writes there and reads the
+    filled prefix."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -138,14 +140,14 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
 
-    def locate(self, positions):
-        """positions [B, T]: where each row's tokens go. Key j is visible to the query at position p iff
-        j <= p.
+    def locate(self, positions, filled):
+        """positions [B, T]: where each row's tokens go; filled: how many positions the fullest row then holds
+        (its last position + 1), which the caller knows without asking the device. Key j is visible to the
+        query at position p iff j <= p.
         Rows decode at different lengths, so each needs its own mask, computed here once for all layers; it
         has one row per folded query (see Attention): row g * T + t sees what token t sees."""
-        self.positions = positions
-        self.filled = int(positions.max()) + 1  # attend to this prefix (one host sync per forward)
-        visible = torch.arange(self.filled, device=positions.device) <= positions[:, None, :, None]
+        self.positions, self.filled = positions, filled
+        visible = torch.arange(filled, device=positions.device) <= positions[:, None, :, None]
         self.mask = visible.repeat(1, 1, self.group, 1)
 
     def update(self, layer, k, v):
@@ -194,7 +196,8 @@ class Attention(nn.Module):
             # one longer query ([B, n_kv, group * T, D]): same result, no copy, fused kernels take the mask.
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v,
                                                attn_mask=cache.mask)
-            y = y.view(B, self.n_head, T, self.head_dim)
+            # reshape, not view: CUDA's memory-efficient kernel returns a transposed [B, T, heads, D] buffer
+            y = y.reshape(B, self.n_head, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -239,12 +242,12 @@ class Qwen3(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def hidden_states(self, input_ids, cache=None, positions=None):
-        """Final-norm hidden states [B, T, hidden]. With a cache, positions [B, T] place each token."""
-        if positions is None:
+    def hidden_states(self, input_ids, cache=None):
+        """Final-norm hidden states [B, T, hidden]. With a cache, the tokens go where it was told (locate)."""
+        if cache is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if cache is not None:
-            cache.locate(positions)
+        else:
+            positions = cache.positions
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
@@ -254,10 +257,10 @@ class Qwen3(nn.Module):
                 x = block(x, cos, sin, i, cache)
         return self.norm(x)
 
-    def forward(self, input_ids, cache=None, positions=None, loss_fn=None):
+    def forward(self, input_ids, cache=None, loss_fn=None):
         """Logits [B, T, vocab]; or loss_fn(hidden states, LM head weight), e.g. the training loss that never
         builds the full logits. It runs inside forward so that DDP and FSDP wrappers see the whole step."""
-        hidden = self.hidden_states(input_ids, cache, positions)
+        hidden = self.hidden_states(input_ids, cache)
         return self.lm_head(hidden) if loss_fn is None else loss_fn(hidden, self.lm_head.weight)
 
     def compile_blocks(self):
@@ -287,14 +290,23 @@ def generate_simple(model, prompt, max_new_tokens, eos_id=None):
     """Greedy answer to one prompt with a KV cache: prefill the prompt, then feed one token at a time."""
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, dtype)
-    ids = torch.tensor([prompt], device=device)
-    positions = torch.arange(len(prompt), device=device)[None]
-    answer = []
+    ids, filled, answer = prompt, 0, []
     while len(answer) < max_new_tokens and (not answer or answer[-1] != eos_id):
-        logits = model(ids, cache, positions)[:, -1]  # only the last position predicts the next token
-        answer.append(int(logits.argmax(-1)))
-        ids, positions = torch.tensor([[answer[-1]]], device=device), positions[:, -1:] + 1
+        cache.locate(torch.arange(filled, filled + len(ids), device=device)[None], filled + len(ids))
+        logits = model(torch.tensor([ids], device=device), cache)[:, -1]  # the last position predicts
+        filled += len(ids)
+        ids = [int(logits.argmax(-1))]
+        answer += ids
     return answer
+
+
+def to_device(values, device, dtype=torch.long):
+    """A host list (or CPU tensor) as a tensor on `device`. To a GPU it goes through pinned memory, queued
+    behind the kernels already launched instead of waiting for them as a copy from pageable memory does."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -373,6 +385,8 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None
     eos_id (which is yielded) or after max_new_tokens. Its slot then takes the next waiting prompt
     (continuous batching: the batch stays full), or leaves the batch when none waits. Equal prompts (several
     samples of one problem) are prefilled once. keys name each row's random stream (default: its index).
+    A decode step waits for the device once, for its new tokens (eos and budgets need them); what else the
+    host needs, as each row's position, it keeps itself.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
@@ -384,10 +398,11 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None
     limit = max(max_new_tokens, budget.tokens + len(budget.close_ids) + budget.answer_tokens if budget else 0)
     slots = min(batch_size or len(prompts), len(prompts))
     cache = KVCache(model.cfg, slots, max(map(len, prompts)) + limit, device, model.embed_tokens.weight.dtype)
-    # Per slot: the row decoding there (None: free), its token count and limit, its random stream, the tokens
-    # to force next (a thought closed by the budget), and whether its thought is open.
-    rows, counts, limits, streams, forced, thinking = ([None] * slots for _ in range(6))
-    tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's next input token, its position
+    # Per slot: the row decoding there (None: free), the position of its next input token, its token count
+    # and limit, its random stream, the tokens to force next (a thought closed by the budget), and whether its
+    # thought is open. The device holds the next input tokens and their positions.
+    columns = rows, where, counts, limits, streams, forced, thinking = tuple([None] * slots for _ in range(7))
+    tokens = torch.zeros(slots, dtype=torch.long, device=device)
     positions = torch.zeros(slots, dtype=torch.long, device=device)
     waiting = collections.deque(range(len(prompts)))
     prefilled = _SharedPrefill(model, prompts, device)
@@ -398,9 +413,9 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None
             keep = sorted([s for s, row in enumerate(rows) if row is not None] + free[:len(waiting)])
             if not keep:
                 return
-            rows, counts, limits, streams, forced, thinking = (
-                [column[s] for s in keep] for column in (rows, counts, limits, streams, forced, thinking))
-            keep = torch.tensor(keep, device=device)
+            columns = rows, where, counts, limits, streams, forced, thinking = tuple(
+                [column[s] for s in keep] for column in columns)
+            keep = to_device(keep, device)
             tokens, positions = tokens[keep], positions[keep]
             cache.keep(keep)
             free = [s for s, row in enumerate(rows) if row is None]
@@ -409,17 +424,19 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None
             new = [waiting.popleft() for _ in free]
             prefilled.put(cache, free, new)
             for s, i in zip(free, new):
-                rows[s], counts[s], limits[s], forced[s], thinking[s] = i, 0, max_new_tokens, [], False
-                streams[s] = sampling.stream(keys[i])
-            free_t = torch.tensor(free, device=device)
-            tokens[free_t] = torch.tensor([prompts[i][-1] for i in new], device=device)
-            positions[free_t] = torch.tensor([len(prompts[i]) - 1 for i in new], device=device)
-        logits = model(tokens[:, None], cache, positions[:, None])[:, -1]
-        uniforms = torch.tensor([stream.random() for stream in streams], dtype=torch.float64, device=device)
-        picked = pick_tokens(logits, sampling, uniforms).tolist()  # the one host sync per step
-        for s, token in enumerate(picked):
+                rows[s], where[s], counts[s], limits[s] = i, len(prompts[i]) - 1, 0, max_new_tokens
+                streams[s], forced[s], thinking[s] = sampling.stream(keys[i]), [], False
+            free_t = to_device(free, device)
+            tokens[free_t] = to_device([prompts[i][-1] for i in new], device)
+            positions[free_t] = to_device([where[s] for s in free], device)
+        cache.locate(positions[:, None], max(where) + 1)
+        logits = model(tokens[:, None], cache)[:, -1]
+        uniforms = to_device([stream.random() for stream in streams], device, torch.float64) \
+            if sampling.temperature > 0 else None
+        tokens = pick_tokens(logits, sampling, uniforms)  # the next step's inputs
+        for s, token in enumerate(tokens.tolist()):  # the one wait for the device in a step
             if forced[s]:  # the budget closes this thought: the forced tokens replace the model's choice
-                picked[s] = token = forced[s].pop(0)
+                tokens[s] = token = forced[s].pop(0)
             counts[s] += 1
             if budget:
                 thinking[s] = budget.still_thinking(thinking[s], token)
@@ -430,7 +447,8 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, batch_size=None
             yield rows[s], token, done
             if done:
                 rows[s] = None
-        tokens, positions = torch.tensor(picked, device=device), positions + 1  # the next step's inputs
+        positions += 1
+        where[:] = [w + 1 for w in where]
 
 
 class _SharedPrefill:
@@ -446,11 +464,13 @@ class _SharedPrefill:
         todo = list(dict.fromkeys(tuple(self.prompts[i]) for i in rows
                                   if len(self.prompts[i]) > 1 and tuple(self.prompts[i]) not in self.kept))
         if todo:  # one right-padded forward for the new prompts: the causal mask makes padding harmless
-            part = KVCache(self.model.cfg, len(todo), max(map(len, todo)) - 1, self.device, cache.k[0].dtype)
-            ids = torch.zeros(len(todo), max(map(len, todo)) - 1, dtype=torch.long)
+            width = max(map(len, todo)) - 1
+            part = KVCache(self.model.cfg, len(todo), width, self.device, cache.k[0].dtype)
+            ids = torch.zeros(len(todo), width, dtype=torch.long)
             for r, p in enumerate(todo):
                 ids[r, :len(p) - 1] = torch.tensor(p[:-1])
-            self.model.hidden_states(ids.to(self.device), part)
+            part.locate(torch.arange(width, device=self.device).expand(len(todo), -1), width)
+            self.model.hidden_states(to_device(ids, self.device), part)
             self.kept.update({p: (part, r) for r, p in enumerate(todo)})
         for slot, i in zip(slots, rows):
             prompt = tuple(self.prompts[i])
@@ -620,11 +640,38 @@ def format_seconds(s):
 
 def download(url, dest, retries=4, session=None, chunk=1 << 16):
     """Download url to dest. Partial data lives in dest.part and is resumed with a Range request;
-    the file is renamed into place only once its size matches the server's Content-Length."""
-    import requests
-    session = session or requests.Session()
+    the file is renamed into place only once its size matches the server's Content-Length. One process at a
+    time downloads into a directory: torchrun's processes, or two jobs sharing a cache, fetch a file once, and
+    the others find it in place."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _one_process_at_a_time(dest.parent):
+        return dest if dest.exists() else _download(url, dest, retries, session, chunk)
+
+
+@contextmanager
+def _one_process_at_a_time(directory):
+    """An exclusive lock on a directory (flock: the kernel releases it if its process dies)."""
+    try:
+        import fcntl  # Unix; elsewhere downloads go unlocked
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process downloading into {directory}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _download(url, dest, retries, session, chunk):
+    import requests
+    session = session or requests.Session()
     part = dest.with_name(dest.name + ".part")
     last_error = None
     for attempt in range(retries):
@@ -684,7 +731,7 @@ def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
     tensors = {}
     for f in _weight_files(d):
         tensors.update(load_file(d / f))
-    model = _empty_model(cfg, device, dtype)
+    model = empty_model(cfg, device, dtype)
     own = {_hf_name(k): v for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:  # one tensor under two names; some tied checkpoints store the copy too
         own.pop("lm_head.weight")
@@ -706,7 +753,7 @@ def load_model(name, device="cpu", dtype=torch.float32, cache_dir=None, seed=0):
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """(model, tokenizer, checkpoint dict) rebuilt from a checkpoint alone."""
     state = read_checkpoint(path, device)
-    model = _empty_model(_checkpoint_config(state), device, dtype)
+    model = empty_model(_checkpoint_config(state), device, dtype)
     load_weights(model, state, path)
     tokenizer = Tokenizer(state["tokenizer"]["json"], state["tokenizer"]["kind"])
     return model.eval(), tokenizer, state
@@ -791,7 +838,7 @@ def _hf_name(name):
     return name if name == "lm_head.weight" else "model." + name
 
 
-def _empty_model(cfg, device, dtype):
+def empty_model(cfg, device, dtype):
     """A model with uninitialised weights (no slow random init for weights about to be overwritten)."""
     with torch.device("meta"):
         model = Qwen3(cfg)
@@ -903,13 +950,16 @@ def init_processes(device_name="auto", group=True):
 
 
 def all_sum(values, device):
-    """Element-wise sum of a list of numbers over all processes (the list itself in a single process)."""
+    """Element-wise sum over all processes of numbers and 0-dim tensors on `device`, as a list of floats: the
+    tensors (a step's losses) are read with one wait for the device, where they are summed in float64."""
     import torch.distributed as dist
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    summed = to_device([0.0 if isinstance(v, torch.Tensor) else v for v in values], device, torch.float64)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            summed[i] = v
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    return summed.tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -927,7 +977,8 @@ FLAGS = {
                                                  "for its latest epoch): it carries the model and tokenizer"),
     "--device": dict(default="auto", help="auto = cuda, then mps, then cpu"),
     "--dtype": dict(default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="inference dtype; auto = bfloat16 on cuda, float32 elsewhere"),
+                    help="inference dtype; auto = bfloat16 on cuda, float32 elsewhere; float32 means true "
+                         "float32 matmuls (TF32 off: exact, slow on GPUs)"),
     "--cache_dir": dict(default=None, help="downloads and token cache "
                                            "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)"),
 }

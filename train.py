@@ -90,7 +90,8 @@ def parse_args(argv=None, namespace=None):
       help="training precision. bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update "
            "kept); pure-bfloat16: everything in bfloat16 as the reference (small updates are rounded away); "
            "bfloat16-sr: pure-bfloat16's memory, AdamW rounding stochastically (small updates kept on "
-           "average); auto = bfloat16 on cuda, float32 elsewhere")
+           "average); float32: true float32 matmuls, TF32 off (the exact mode, slow on GPUs); auto = "
+           "bfloat16 on cuda, float32 elsewhere")
     a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass")
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
@@ -150,11 +151,14 @@ def _chunks(n, size):
 def answer_loss(model, batch, example_weights, device, soft=None, chunk_size=512):
     """(cross-entropy, KD) summed over the batch's answer tokens, each token weighted by its example's weight
     (see token_weights). soft: the teacher's targets (Teacher or TeacherLogits); without one KD is 0."""
-    input_ids, targets, mask = data.collate(batch, device)
-    answer_lens = mask.sum(1)
-    weights = torch.repeat_interleave(torch.tensor(example_weights, device=device), answer_lens)
-    targets = targets[mask]
-    teacher = soft.targets(batch, input_ids, mask) if soft else None
+    input_ids, targets, mask = data.collate(batch)
+    # the answer positions, their targets and weights, found on the host: a mask applied on the device would
+    # make it stop and say how many there are
+    answers = mask.flatten().nonzero().squeeze(1)
+    weights = torch.repeat_interleave(torch.tensor(example_weights), mask.sum(1))
+    input_ids, answers, targets, weights = (qwen3.to_device(t, device)
+                                            for t in (input_ids, answers, targets[mask], weights))
+    teacher = soft.targets(batch, input_ids, answers) if soft else None
 
     def chunk_loss(logits, rows):  # the per-token terms, float32
         ce = F.cross_entropy(logits, targets[rows], reduction="none")
@@ -163,8 +167,9 @@ def answer_loss(model, batch, example_weights, device, soft=None, chunk_size=512
 
     def loss_fn(hidden, head):
         device = hidden.device.type  # the matmuls' dtype: autocast's where it is on, else the weights'
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.dtype
-        return ChunkedHeadLoss.apply(hidden[mask], head, chunk_loss, dtype, chunk_size)
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else head.dtype
+        return ChunkedHeadLoss.apply(hidden.flatten(0, 1)[answers], head, chunk_loss, dtype, chunk_size)
 
     return model(input_ids, loss_fn=loss_fn)
 
@@ -219,13 +224,15 @@ class Teacher:
         self.device, self.args = teacher_device, args
         self.head = self.model.lm_head.weight.to(device)  # one copy next to the student's head
         self.seconds = 0.0  # time in the teacher's forward passes (the on-policy log's teacher_s)
+        self.timed = getattr(args, "on_policy", 0) > 0  # timing a GPU means waiting for it: only for that log
 
-    def targets(self, batch, input_ids, mask):
+    def targets(self, batch, input_ids, answers):
         start = time.time()
         with torch.no_grad():
-            hidden = self.model.hidden_states(input_ids.to(self.device))[mask.to(self.device)]
+            hidden = self.model.hidden_states(input_ids.to(self.device)).flatten(0, 1)
+            hidden = hidden[answers.to(self.device)]
         hidden = hidden.to(self.head.device)
-        if str(self.device).startswith("cuda"):
+        if self.timed and str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)  # the time, not the time to queue the kernels
         self.seconds += time.time() - start
         return hidden
@@ -251,9 +258,9 @@ class TeacherLogits:
         self.file.check_covers(train_examples)
         self.args, self.device = args, device
 
-    def targets(self, batch, input_ids, mask):
+    def targets(self, batch, input_ids, answers):
         ids, logprobs, rest = zip(*(self.file.example(e["row"]) for e in batch))
-        return [torch.cat(x).to(self.device) for x in (ids, logprobs, rest)]
+        return [qwen3.to_device(torch.cat(x), self.device) for x in (ids, logprobs, rest)]
 
     def divergence(self, logits, targets, rows):
         T = self.args.kd_temperature
@@ -311,7 +318,7 @@ def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, a
             else:
                 loss = (1 - args.kd_weight) * ce_kd[0] + args.kd_weight * ce_kd[1] if soft else ce_kd[0]
         loss.backward()
-        ce, kd = ce_kd.tolist()  # one host sync per micro-batch
+        ce, kd = ce_kd.detach().double()  # kept on the device: the step reads its sums once (all_sum)
         if written:  # the KD sum is a share of the step's mean: undo the token weight to log it per token
             stats.update(kd=stats["kd"] + kd / world_size, kd_per_token=stats["kd_per_token"]
                          + kd * step_tokens / world_size)
@@ -347,7 +354,7 @@ def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=Non
     total = 0.0
     for batch, weight in rank_share(batches, rank, world_size):
         with autocast or nullcontext():
-            total += answer_loss(model, batch, [weight / answer_len(e) for e in batch], device)[0].item()
+            total += answer_loss(model, batch, [weight / answer_len(e) for e in batch], device)[0].double()
     model.train()
     return qwen3.all_sum([total], device)[0] / len(val)
 
@@ -362,13 +369,14 @@ def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def round_stochastic_(out, exact, generator):
-    """out (bfloat16) <- exact (float32), rounded to the bfloat16 neighbour below or above at random, the one
-    above with the probability of how far exact lies towards it: right on average. A bfloat16 is the top 16
-    bits of a float32, so: add 16 random low bits (a carry into the top half has that probability), cut
-    them off."""
+def round_stochastic_(exact, generator):
+    """Round float32 values in place to the bfloat16 neighbour below or above at random, the one above with
+    the probability of how far the value lies towards it: right on average. A bfloat16 is the top 16 bits of
+    a float32, so: add 16 random low bits (a carry into the top half has that probability), cut them off.
+    The result converts to bfloat16 exactly."""
     noise = torch.empty_like(exact, dtype=torch.int32).random_(generator=generator).bitwise_and_(0xFFFF)
-    out.copy_(noise.add_(exact.view(torch.int32)).bitwise_and_(-1 << 16).view(torch.float32))
+    exact.view(torch.int32).add_(noise).bitwise_and_(-1 << 16)
+    return exact
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
@@ -377,35 +385,59 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     its weight by one spacing, one step in ten, where round-to-nearest (pure-bfloat16) drops it every time.
     The second moment needs it too (decaying by 0.1% a step, under half of bfloat16's relative spacing of
     0.4-0.8%, it would never decay); the first moment moves by 10% of the gradient's difference a step and
-    rounds to nearest. Memory is pure bfloat16's: the float32 values exist for one chunk of a tensor at a
+    rounds to nearest. Memory is pure bfloat16's: the float32 values exist for one bucket of elements at a
     time. The random stream is part of the state (resume is exact), and the same on every process (DDP
     replicas stay equal)."""
 
     def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, seed=0):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
-        self.generator = torch.Generator(self.param_groups[0]["params"][0].device).manual_seed(seed)
+        device = self.param_groups[0]["params"][0].device
+        self.generator = torch.Generator(device).manual_seed(seed)
+        # Elements updated together, across tensors: on a CPU as many as stay in its cache; on a GPU enough
+        # that each of the ~25 operations of an update is one kernel over many tensors (at one kernel per
+        # operation per tensor, the launches would take longer than the work)
+        self.bucket = 1 << 18 if device.type == "cpu" else 1 << 24
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            by_step = {}  # the bias corrections depend on each tensor's step count
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                chunk = 1 << 18 if p.device.type == "cpu" else 1 << 22  # CPU: float32 chunks stay in cache
-                for w, g, m, v in zip(*(t.view(-1).split(chunk) for t in tensors)):
-                    g = g.float()
-                    m_exact = m.float().lerp_(g, 1 - beta1)
-                    v_exact = v.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    w_exact = w.float().mul_(1 - lr * decay)
-                    w_exact.addcdiv_(m_exact, v_exact.div(bias2).sqrt_().add_(eps), value=-lr / bias1)
-                    m.copy_(m_exact)
-                    round_stochastic_(v, v_exact, self.generator)
-                    round_stochastic_(w, w_exact, self.generator)
+                four = p, p.grad, state["exp_avg"], state["exp_avg_sq"]
+                by_step.setdefault(state["step"], []).append(four)
+            for step, tensors in by_step.items():
+                bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+                for w, g, m, v in self.buckets(tensors):  # each a list of flat pieces of the tensors
+                    g32, m32, v32, w32 = (torch.cat(x).float() if len(x) > 1 else x[0].float()
+                                          for x in (g, m, v, w))  # float32 copies, one bucket long
+                    m32.lerp_(g32, 1 - beta1)
+                    v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+                    w32.mul_(1 - lr * decay)
+                    w32.addcdiv_(m32, v32.div(bias2).sqrt_().add_(eps), value=-lr / bias1)
+                    sizes = [len(x) for x in w]
+                    torch._foreach_copy_(m, m32.split(sizes))
+                    torch._foreach_copy_(v, round_stochastic_(v32, self.generator).split(sizes))
+                    torch._foreach_copy_(w, round_stochastic_(w32, self.generator).split(sizes))
+
+    def buckets(self, tensors):
+        """The (weight, gradient, first and second moment) tensors, flattened and cut into buckets of at most
+        self.bucket elements: each bucket four lists of the pieces in it."""
+        bucket, size = [[], [], [], []], 0
+        for four in tensors:
+            for pieces in zip(*(t.view(-1).split(self.bucket) for t in four)):
+                if size + len(pieces[0]) > self.bucket:
+                    yield bucket
+                    bucket, size = [[], [], [], []], 0
+                for column, piece in zip(bucket, pieces):
+                    column.append(piece)
+                size += len(pieces[0])
+        if size:
+            yield bucket
 
     def state_dict(self):
         return {**super().state_dict(), "generator": self.generator.get_state()}
@@ -439,10 +471,17 @@ class Rollouts:
     sample) draws from its own seeded stream, and whether an example is chosen is its own draw too, so neither
     depends on the batch size or the number of processes, and a resumed run draws the same."""
 
-    def __init__(self, args, tok):
+    def __init__(self, args, tok, student, dtype):
         import evaluate  # has_box, for the log
         self.args, self.tok, self.has_box = args, tok, evaluate.has_box
         self.sampling = qwen3.Sampling(temperature=args.rollout_temperature, seed=args.seed)
+        # Token by token, float32 master weights would mean true-float32 matmuls and a float32 KV cache: under
+        # mixed precision the student answers from a copy of itself in the compute dtype (2 bytes a weight,
+        # and the cache takes half), refreshed before each rollout. Compiled blocks would recompile for every
+        # layer and cache layout (past torch.compile's limit): with --compile the copy is not compiled.
+        weights = student.embed_tokens.weight
+        copy = dtype != weights.dtype or getattr(args, "compile", False)
+        self.copy = qwen3.empty_model(student.cfg, weights.device, dtype) if copy else None
 
     def chosen(self, example, epoch):
         return random.Random(f"{self.args.seed}/{epoch}/{example['row']}").random() < self.args.on_policy
@@ -457,8 +496,12 @@ class Rollouts:
         prompts = [torch.as_tensor(e["token_ids"][:e["prompt_len"]]).tolist() for e, _ in chosen]
         start = time.time()
         student = getattr(model, "module", model)  # DDP's module: generating needs no gradient sync
-        student.eval()
-        answers = qwen3.generate(student, prompts, self.args.rollout_max_new_tokens, self.tok.eos_token_id,
+        if self.copy is not None:
+            with torch.no_grad():
+                for mine, theirs in zip(self.copy.parameters(), student.parameters()):
+                    mine.copy_(theirs)
+        writer = (self.copy or student).eval()
+        answers = qwen3.generate(writer, prompts, self.args.rollout_max_new_tokens, self.tok.eos_token_id,
                                  sampling=self.sampling, keys=keys) if prompts else []
         student.train()
         written = {}  # id of a chosen example -> the student's answers to it
@@ -513,6 +556,13 @@ def pick_precision(name, device, fsdp=False):
     return (name, *PRECISIONS[name])
 
 
+def describe_precision(precision):
+    """What the precision mode means, as the run prints it: where the weights live, where the matmuls run."""
+    mode, weights_dtype, compute_dtype = precision
+    name = lambda dtype: str(dtype).replace("torch.", "")
+    return f"{mode} ({name(weights_dtype)} weights, {name(compute_dtype or weights_dtype)} matmuls)"
+
+
 def load_examples(args, tok, say=print):
     """Tokenized, filtered, split examples, with every count printed; errors before any training work."""
     examples, skipped, num_rows = data.prepare_examples(args.data_path, tok, args.use_think_tokens,
@@ -555,7 +605,7 @@ def check_schedule(args, total_steps):
 def resume_args(args, argv, world_size, say=print):
     """--resume: the run's own arguments (with the changes allowed) and its resumable state."""
     path = Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else Path(args.resume)
-    state = qwen3.read_checkpoint(path)
+    state = qwen3.read_checkpoint(path, mmap=True)  # every process: read only what it touches
     if "optimizer" not in state:
         raise ValueError(f"{path} holds weights only: resume needs the run's last.pth "
                          "(use --checkpoint_path to start from weights)")
@@ -597,17 +647,23 @@ def wrap(model, args, precision, world_size):
     if world_size == 1:
         return model
     if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        _, weights_dtype, compute_dtype = precision
-        # float32 master shards, gathered for compute in bfloat16 (the bfloat16 mode), gradients reduced
-        # in float32: the same scheme as autocast on one GPU
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype
-                                      else None)
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        return fully_shard(model, mp_policy=policy)
+        return shard(model, precision)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model)
+
+
+def shard(model, precision):
+    """FSDP2 over the process group: each block's weights, gradients and AdamW state split between processes.
+    Under the bfloat16 mode: float32 master shards, gathered in bfloat16 for compute, gradients reduced in
+    float32. Unlike autocast, which keeps norms, RoPE and the residual stream in float32, the whole forward
+    then runs in bfloat16: close to one GPU's numbers, not equal."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    _, weights_dtype, compute_dtype = precision
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                  reduce_dtype=torch.float32 if compute_dtype else None)
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
 def gather_state(model, optimizer, args):
@@ -711,27 +767,30 @@ def main(argv=None):
     check_on_policy(args)
     precision = pick_precision(args.dtype, device, args.fsdp)
     mode, weights_dtype, autocast_dtype = precision
-    use_autocast = autocast_dtype and not args.fsdp  # FSDP casts for compute itself
+    sharded = args.fsdp and world_size > 1  # FSDP casts for compute itself; one process has nothing to shard
+    use_autocast = autocast_dtype and not sharded
     autocast = torch.autocast(device.split(":")[0], autocast_dtype) if use_autocast else None
 
     # the student, its tokenizer, the data and the teacher
     torch.manual_seed(args.seed)
     model = qwen3.load_model(args.model, device, weights_dtype, args.cache_dir, args.seed)
     tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
-    say(f"device {device} x {world_size} processes{' (FSDP)' if args.fsdp and world_size > 1 else ''}, "
-        f"precision {mode}, model {args.model} ({model.num_params() / 1e6:.1f}M parameters), "
-        f"tokenizer {tok.kind} (eos {tok.eos_token})")
+    fsdp = " (FSDP)" if sharded else " (--fsdp: one process, nothing to shard)" if args.fsdp else ""
+    say(f"device {device} x {world_size} processes{fsdp}, precision {describe_precision(precision)}, model "
+        f"{args.model} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tok.kind} "
+        f"(eos {tok.eos_token})")
     train, val = load_examples(args, tok, say)
     soft = Teacher(args, tok, model.cfg.vocab_size, device) if args.teacher else None
     soft = TeacherLogits(args, tok, train, device) if args.teacher_logits else soft
-    rollouts = Rollouts(args, tok) if args.on_policy else None
     if args.checkpoint_path:
-        qwen3.load_weights(model, qwen3.read_checkpoint(args.checkpoint_path, device), args.checkpoint_path)
+        start = qwen3.read_checkpoint(args.checkpoint_path, mmap=True)
+        qwen3.load_weights(model, start, args.checkpoint_path)
     if resume_state:
         qwen3.load_weights(model, resume_state, args.resume)
     model.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         model.compile_blocks()
+    rollouts = Rollouts(args, tok, model, autocast_dtype or weights_dtype) if args.on_policy else None
     trained = wrap(model, args, precision, world_size)  # what forward and backward go through
     optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, mode, args.seed)
     if resume_state:

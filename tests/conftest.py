@@ -31,12 +31,13 @@ def shared_data():
 
 class FileServer:
     """A local HTTP server for download tests: serves `files` (URL path -> bytes), honours Range requests,
-    and can fail the next requests (`fail_next` HTTP 500s) or cut a response short (`cut_next` bytes)."""
+    and can fail the next requests (`fail_next` HTTP 500s), cut a response short (`cut_next` bytes) or send
+    slowly (`slow_s` seconds after each 64 KiB)."""
 
     def __init__(self):
         import http.server
         import threading
-        self.files, self.requests, self.fail_next, self.cut_next = {}, [], 0, None
+        self.files, self.requests, self.fail_next, self.cut_next, self.slow_s = {}, [], 0, None, 0.0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,7 +72,9 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(payload)
+                for at in range(0, len(payload), 1 << 16):
+                    self.wfile.write(payload[at:at + (1 << 16)])
+                    pause(server.slow_s)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

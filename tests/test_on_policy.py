@@ -56,7 +56,7 @@ def written(share):
 def test_rollouts_do_not_depend_on_the_batch_size_or_the_processes(setup):
     batch, tok = examples(setup, 8)
     student = qwen3.load_model("tiny", seed=1)
-    rollouts = train.Rollouts(rollout_args(), tok)
+    rollouts = train.Rollouts(rollout_args(), tok, student, torch.float32)
     by_sample = {}
     for size in (1, 4, 8):
         share = [([*batch[i:i + size]], 1.0, False) for i in range(0, 8, size)]
@@ -83,7 +83,7 @@ def test_on_policy_loss_is_the_reverse_kl_over_the_students_own_answer(setup):
                      kd_loss="reverse_kl", jsd_beta=0.5, per_example_mean=False, kd_weight=0.5,
                      **vars(rollout_args(samples_per_prompt=1, rollout_max_new_tokens=16)))
     teacher = train.Teacher(args, tok, 320, "cpu")
-    rollouts = train.Rollouts(args, tok)
+    rollouts = train.Rollouts(args, tok, student, torch.float32)
     ce, kd, tokens, stats = train.forward_backward(student, [batch], args, "cpu", soft=teacher,
                                                    rollouts=rollouts)
     grads = [p.grad.clone() for p in student.parameters()]

@@ -159,9 +159,11 @@ def test_kv_cache_logits_equal_full_forward(config):
     ids = torch.randint(0, config["vocab_size"], (1, 30))
     full = model(ids)
     cache = qwen3.KVCache(model.cfg, 1, 64, "cpu", torch.float32)
-    parts = [model(ids[:, :12], cache, torch.arange(12)[None])]
+    cache.locate(torch.arange(12)[None], 12)
+    parts = [model(ids[:, :12], cache)]
     for t in range(12, 30):  # then one token at a time
-        parts.append(model(ids[:, t:t + 1], cache, torch.tensor([[t]])))
+        cache.locate(torch.tensor([[t]]), t + 1)
+        parts.append(model(ids[:, t:t + 1], cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -246,10 +248,10 @@ def test_samples_of_one_prompt_share_one_prefill(monkeypatch):
     ]
     prefilled = []
     real = qwen3.Qwen3.hidden_states
-    def counting(self, ids, cache=None, positions=None):
+    def counting(self, ids, cache=None):
         if ids.shape[1] > 1:  # a prefill: several tokens at once
             prefilled.extend(map(tuple, ids.tolist()))
-        return real(self, ids, cache, positions)
+        return real(self, ids, cache)
     monkeypatch.setattr(qwen3.Qwen3, "hidden_states", counting)
     for batch_size in (5, 2):
         prefilled.clear()

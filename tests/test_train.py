@@ -188,8 +188,8 @@ def example(tok, problem, answer):
 
 
 def step_loss(model, micro_batches, per_example_mean=False):
-    return train.forward_backward(model, micro_batches, Namespace(per_example_mean=per_example_mean,
-                                                                  kd_weight=0.0), "cpu")[0]
+    return float(train.forward_backward(model, micro_batches, Namespace(per_example_mean=per_example_mean,
+                                                                        kd_weight=0.0), "cpu")[0])
 
 
 def test_batched_losses_match_per_example_losses_under_each_weighting():
@@ -344,8 +344,9 @@ def test_stochastic_rounding_is_right_on_average():
     spacing = 2.0 ** -7  # between bfloat16 neighbours in [1, 2)
     for start, share in ((1.0, 0.3), (-1.0, 0.3), (1.5, 0.01), (1.0, 0.0)):  # 0.0: exact, never moves
         exact = torch.full((100_000,), start + math.copysign(share * spacing, start))
-        rounded = torch.empty(100_000, dtype=torch.bfloat16)
-        train.round_stochastic_(rounded, exact, g)
+        rounded32 = train.round_stochastic_(exact.clone(), g)
+        rounded = rounded32.to(torch.bfloat16)
+        assert torch.equal(rounded.float(), rounded32)  # bfloat16 values: the conversion is exact
         moved = (rounded.double() - start).abs() / spacing
         assert set(moved.unique().tolist()) <= {0.0, 1.0}  # only the two neighbours
         assert moved.mean().item() == pytest.approx(share, abs=0.005)  # up with the probability share
