@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checker
 import data
 import qwen3
 
@@ -472,8 +473,7 @@ class Rollouts:
     depends on the batch size or the number of processes, and a resumed run draws the same."""
 
     def __init__(self, args, tok, student, dtype):
-        import evaluate  # has_box, for the log
-        self.args, self.tok, self.has_box = args, tok, evaluate.has_box
+        self.args, self.tok = args, tok
         self.sampling = qwen3.Sampling(temperature=args.rollout_temperature, seed=args.seed)
         # Token by token, float32 master weights would mean true-float32 matmuls and a float32 KV cache: under
         # mixed precision the student answers from a copy of itself in the compute dtype (2 bytes a weight,
@@ -518,7 +518,7 @@ class Rollouts:
         eos = self.tok.eos_token_id
         stats = {"answers": len(answers), "tokens": sum(map(len, answers)), "kd": 0.0, "kd_per_token": 0.0,
                  "cut": sum(a[-1] != eos for a in answers), "rollout_s": time.time() - start,
-                 "boxed": sum(self.has_box(self.tok.decode(a)) for a in answers)}
+                 "boxed": sum(checker.has_box(self.tok.decode(a)) for a in answers)}
         return new, stats
 
 
@@ -585,8 +585,7 @@ def load_examples(args, tok, say=print):
 
 def correct_only(examples, rows, say=print):
     """The examples whose teacher answer (message_content) is right: graded as evaluate.py grades."""
-    import evaluate  # sympy: only this needs it
-    right = [e for e in examples if evaluate.grade_output(rows[e["row"]].get("message_content"),
+    right = [e for e in examples if checker.grade_output(rows[e["row"]].get("message_content"),
                                                            str(rows[e["row"]].get("gtruth_answer")))[1]]
     say(f"only correct: kept {len(right)} of {len(examples)}, dropped {len(examples) - len(right)} whose "
         "message_content is wrong against gtruth_answer")
