@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import checker
 import qwen3
 
 PARTITIONS = ["deepseek-r1-math-train", "deepseek-r1-math500", "qwen3-235b-a22b-math-train",
@@ -45,10 +47,11 @@ PROMPT_TEMPLATE = ("You are a helpful math assistant.\n"
 # Loading
 
 
-def fetch(urls, dest):
-    """Download the first URL that works into dest (cached: no network once it exists)."""
-    if dest.exists():
-        return dest
+def fetch(urls, dest, download=True):
+    """Download the first URL that works into dest (cached: no network once it exists). download=False: the
+    cached file or None."""
+    if dest.exists() or not download:
+        return dest if dest.exists() else None
     errors = []
     for url in urls:
         try:
@@ -59,16 +62,16 @@ def fetch(urls, dest):
                               f"the file to {dest} or pass a local path.")
 
 
-def resolve_data_path(partition_or_path, cache_dir=None):
+def resolve_data_path(partition_or_path, cache_dir=None, download=True):
     """A local file for a partition name or a problem set (downloaded once, primary URL then backup) or a
-    path."""
+    path. download=False: a name not downloaded yet is None."""
     data_dir = Path(cache_dir or qwen3.default_cache_dir()) / "data"
     if partition_or_path in PARTITIONS:
         dest = data_dir / f"{partition_or_path}.json"
-        return fetch([u.format(partition=partition_or_path) for u in DATA_URLS], dest)
+        return fetch([u.format(partition=partition_or_path) for u in DATA_URLS], dest, download)
     if partition_or_path in PROBLEM_SETS:  # problems without teacher text: on-policy training
         file, url = PROBLEM_SETS[partition_or_path]
-        return fetch([url], data_dir / file)
+        return fetch([url], data_dir / file, download)
     path = Path(partition_or_path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path} (or use a partition: {', '.join(PARTITIONS)}; "
@@ -262,16 +265,88 @@ def _read_token_cache(cache_file, key):
 # Statistics, length filter, split
 
 
-def length_stats(examples):
-    """Average, shortest and longest length (with the data row it comes from), total and answer-only."""
-    def summary(lengths):
-        shortest = min(range(len(lengths)), key=lengths.__getitem__)
-        longest = max(range(len(lengths)), key=lengths.__getitem__)
-        return {"average": sum(lengths) / len(lengths), "shortest": lengths[shortest],
-                "shortest_index": examples[shortest]["row"], "longest": lengths[longest],
-                "longest_index": examples[longest]["row"]}
-    return {"total": summary([len(e["token_ids"]) for e in examples]),
-            "answer": summary([len(e["token_ids"]) - e["prompt_len"] for e in examples])}
+def length_stats(lengths, rows=None):
+    """Average, median, shortest and longest of some lengths; with each length's data row, also the rows of
+    the shortest and the longest."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    stats = {"average": sum(lengths) / len(lengths), "median": lengths[order[len(order) // 2]],
+             "min": lengths[order[0]], "max": lengths[order[-1]]}
+    return {**stats, "min_row": rows[order[0]], "max_row": rows[order[-1]]} if rows else stats
+
+
+# -----------------------------------------------------------------------------
+# Contamination: training problems that are evaluation problems, or close copies of them. A row is
+# contaminated when its problem shares a run of NGRAM words with a problem of the evaluation set (a problem
+# shorter than that: when the two are equal), both read by problem_words. NGRAM is measured: see the README.
+
+NGRAM = 10
+RE_ASY = re.compile(r"\[asy\].*?\[/asy\]", re.S)  # diagrams: code, much of it shared
+RE_LATEX_SPACING = re.compile(r"\\(?:left|right|q?quad)(?![a-z])|\\[!,;: ]|~")
+RE_PROBLEM_WORD = re.compile(r"\\[a-z]+|[a-z]+|\d+(?:\.\d+)?")
+
+
+def problem_words(problem):
+    """A problem's words for telling whether two problems are one: lower case, without diagrams, \\left,
+    \\right and LaTeX spacing; words, numbers and LaTeX commands kept, punctuation and math symbols dropped
+    (so that spacing and markup do not tell two copies apart)."""
+    return RE_PROBLEM_WORD.findall(RE_LATEX_SPACING.sub(" ", RE_ASY.sub(" ", problem).lower()))
+
+
+class Overlaps:
+    """An index of an evaluation set's problems (each run of n words, and each problem whole), to find the
+    problems that overlap one of them: 100,000 are checked in seconds."""
+
+    def __init__(self, problems, n=NGRAM):
+        self.n, self.runs, self.whole = n, {}, {}
+        for i, problem in enumerate(problems):
+            words = tuple(problem_words(problem))
+            if words:
+                self.whole.setdefault(words, i)
+            for j in range(len(words) - n + 1):
+                self.runs.setdefault(words[j:j + n], i)
+
+    def find(self, problem):
+        """(index of the evaluation problem, the words shared) for a problem overlapping one, else None."""
+        words = tuple(problem_words(problem))
+        if words in self.whole:
+            return self.whole[words], " ".join(words)
+        for j in range(len(words) - self.n + 1):
+            if words[j:j + self.n] in self.runs:
+                return self.runs[words[j:j + self.n]], " ".join(words[j:j + self.n])
+        return None
+
+
+def evaluation_overlaps(against, cache_dir=None, n=NGRAM, download=True):
+    """Overlaps for an evaluation set: a set by name (download=False: None if not downloaded yet) or a
+    JSON/JSONL file of rows with a 'problem'."""
+    path = resolve_data_path(against, cache_dir, download)
+    if path is None:
+        return None
+    problems = [row.get("problem") if isinstance(row, dict) else None for row in read_rows(path)]
+    if not all(isinstance(p, str) for p in problems):
+        raise ValueError(f"{against}: every row of an evaluation set needs a 'problem' string")
+    return Overlaps(problems, n)
+
+
+def contaminated(rows, overlaps):
+    """{row index: (evaluation problem index, shared words)} for the rows whose problem overlaps the set."""
+    found = {}
+    for i, row in enumerate(rows):
+        problem = row.get("problem") if isinstance(row, dict) else None
+        hit = overlaps.find(problem) if isinstance(problem, str) else None
+        if hit:
+            found[i] = hit
+    return found
+
+
+def describe_contaminated(found, against, n=NGRAM, shown=3):
+    """One line: how many rows overlap the evaluation set, the first few with what they share."""
+    if not found:
+        return f"none share a {n}-word run with {against}"
+    first = "; ".join(f"row {i}: '{words[:60]}' ({against} problem {j})" for i, (j, words) in
+                      list(found.items())[:shown])
+    more = "; ..." if len(found) > shown else ""
+    return f"{len(found)} rows share a {n}-word run with {against} ({first}{more})"
 
 
 def filter_by_length(examples, max_seq_len):
@@ -684,7 +759,8 @@ DATA_FLAGS = {  # shared with train.py and bench.py
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, stats="length statistics of a teacher file",
+    p, sub = qwen3.parser(__doc__, stats="what a teacher file holds: lengths, duplicates, wrong answers, "
+                                         "overlap with the evaluation set",
                           synth="write the offline synthetic dataset",
                           **{"teacher-logits": "store a teacher's top-k log-probabilities for train.py "
                                                "--teacher_logits"})
@@ -693,6 +769,8 @@ def parse_args(argv=None):
     s.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B",
                    help="repo id, model directory, tokenizer.json or 'tiny'")
     qwen3.add_flags(s, "--which_model", "--cache_dir", which_model=dict(default="reasoning"))
+    s.add_argument("--against", default="math500", help="the evaluation set the problems must not overlap: "
+                   "a set by name (downloaded once) or a JSON/JSONL file with a 'problem' per row")
     y = sub["synth"]
     y.add_argument("--out", "--out_dir", dest="out", required=True,
                    help="directory for train.json (teacher schema) and test.json (MATH-500 schema)")
@@ -730,19 +808,65 @@ def main(argv=None):
         first = train[0]
         print(f"example problem: {first['problem']}\n{first['message_thinking']}\n{first['message_content']}")
         return
+    return stats(args)
+
+
+def stats(args):
+    """The stats command: what a teacher file holds and what is wrong with it, before training on it."""
+    rows = read_rows(resolve_data_path(args.data_path, args.cache_dir))
     tok = qwen3.load_tokenizer(args.tokenizer, args.which_model, args.cache_dir)
     examples, skipped, num_rows = prepare_examples(args.data_path, tok, args.use_think_tokens, args.cache_dir)
     print(f"rows: {num_rows}, usable: {len(examples)}, skipped: {describe_skipped(skipped)}")
     if not examples:
         raise ValueError("no usable rows")
-    for part, st in length_stats(examples).items():
-        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['shortest']} "
-              f"(row {st['shortest_index']}), longest {st['longest']} (row {st['longest_index']})")
+    problem = lambda row: " ".join(problem_words(row["problem"])) if isinstance(row, dict) and \
+        isinstance(row.get("problem"), str) else None
+    graded = grade_teacher_answers(rows)
+    seen, repeated, same_answer = set(), [], []
+    for i, row in enumerate(rows):
+        key = problem(row)
+        answer = graded[i][0] if i in graded else checker.extract_answer(row.get("message_content")) \
+            if isinstance(row, dict) else None
+        if key is not None and key in seen:
+            repeated.append(i)
+            same_answer += [i] * ((key, answer) in seen)
+        seen |= {key, (key, answer)}
+    print(f"duplicates: {len(repeated)} rows repeat an earlier problem (after normalisation), "
+          f"{len(same_answer)} with the same final answer too{rows_named(same_answer or repeated)}")
+    wrong = [i for i, (_, correct) in graded.items() if not correct]
+    print(f"teacher answers: {len(wrong)} of {len(graded)} graded wrong against gtruth_answer"
+          f"{rows_named(wrong)}" if graded else "teacher answers: not graded (no gtruth_answer)")
+    overlaps = evaluation_overlaps(args.against, args.cache_dir)
+    print(f"contaminated: {describe_contaminated(contaminated(rows, overlaps), args.against)}")
+    for part, lengths in (("total", [len(e["token_ids"]) for e in examples]),
+                          ("answer", [len(e["token_ids"]) - e["prompt_len"] for e in examples])):
+        st = length_stats(lengths, [e["row"] for e in examples])
+        print(f"{part:>6} tokens: average {st['average']:.0f}, shortest {st['min']} (row {st['min_row']}), "
+              f"longest {st['max']} (row {st['max_row']})")
     kept, counts = filter_by_length(examples, args.max_seq_len)
+    too_long = [e["row"] for e in examples if len(e["token_ids"]) > args.max_seq_len]
     print(f"max_seq_len {args.max_seq_len}: original {counts['original']}, kept {counts['kept']}, "
-          f"removed {counts['removed']}")
+          f"removed {counts['removed']}{rows_named(too_long)}")
     if kept:
-        print(f"after filtering: average {length_stats(kept)['total']['average']:.0f} tokens")
+        average = length_stats([len(e["token_ids"]) for e in kept])["average"]
+        print(f"after filtering: average {average:.0f} tokens")
+
+
+def grade_teacher_answers(rows):
+    """{row index: (extracted answer, correct)} for the rows with a gtruth_answer: the checker's verdict on
+    the teacher's final answer (message_content)."""
+    todo = [i for i, row in enumerate(rows) if isinstance(row, dict) and row.get("gtruth_answer") is not None]
+    bar, graded = qwen3.Progress(len(todo), "grade", unit="rows"), {}
+    for i in todo:
+        graded[i] = checker.grade_output(rows[i].get("message_content"), str(rows[i]["gtruth_answer"]))
+        bar.update()
+    bar.close()
+    return graded
+
+
+def rows_named(rows, shown=8):
+    more = ", ..." if len(rows) > shown else ""
+    return f" (rows {', '.join(map(str, rows[:shown]))}{more})" if rows else ""
 
 
 if __name__ == "__main__":

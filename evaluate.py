@@ -56,19 +56,26 @@ class Answer:
 
 def make_record(index, sample, row, answer, tok):
     """An answer's record: also a row of a teacher file (problem, gtruth_answer, message_thinking,
-    message_content), graded on its final answer (what follows the thinking)."""
+    message_content), graded on its final answer (what follows the thinking). Without the student's
+    tokenizer (tok None: a server's answers) the token counts of the thinking and the answer and the loop
+    check are left out."""
     thinking, content = data.split_thinking(answer.text)
     extracted, correct = checker.grade_output(content, str(row.get("answer")))
-    ids = answer.ids if answer.ids is not None else tok.encode(answer.text, chat_wrapped=False)
-    return {"index": index, "sample": sample, "unique_id": row.get("unique_id"),
-            "subject": row.get("subject"), "level": row.get("level"), "problem": row["problem"],
-            "gtruth_answer": row.get("answer"), "message_thinking": thinking, "message_content": content,
-            "generated_text": answer.text, "extracted": extracted, "correct": correct,
-            "num_tokens": answer.num_tokens, "thinking_tokens": len(tok.encode(thinking, chat_wrapped=False)),
-            "content_tokens": len(tok.encode(content, chat_wrapped=False)),
-            "finish_reason": answer.finish_reason, "truncated": answer.finish_reason == "length",
-            "looped": ends_in_loop(ids), "boxed": checker.has_box(content), "thought_cut": answer.thought_cut,
-            "seconds": round(answer.seconds, 3), **(answer.usage or {})}
+    count = lambda text: len(tok.encode(text, chat_wrapped=False))
+    ids = answer.ids if answer.ids is not None or tok is None else tok.encode(answer.text, chat_wrapped=False)
+    record = {"index": index, "sample": sample, "unique_id": row.get("unique_id"),
+              "subject": row.get("subject"), "level": row.get("level"), "problem": row["problem"],
+              "gtruth_answer": row.get("answer"), "message_thinking": thinking, "message_content": content,
+              "generated_text": answer.text, "extracted": extracted, "correct": correct,
+              "num_tokens": answer.num_tokens, "thinking_tokens": tok and count(thinking),
+              "content_tokens": tok and count(content), "finish_reason": answer.finish_reason,
+              "truncated": answer.finish_reason == "length", "looped": ids is not None and ends_in_loop(ids),
+              "boxed": checker.has_box(content), "thought_cut": answer.thought_cut,
+              "seconds": round(answer.seconds, 3), **(answer.usage or {})}
+    return record if tok else {k: v for k, v in record.items() if k not in STUDENT_TOKEN_FIELDS}
+
+
+STUDENT_TOKEN_FIELDS = ("thinking_tokens", "content_tokens", "looped")
 
 
 def sampling_settings(args):
@@ -93,9 +100,10 @@ def protocol(args, tok, dtype, sampling):
     """Everything that decides the numbers: every summary states it, and --resume insists on it."""
     model = f"{args.api_model} at {args.api_base}" if args.api_base else \
         str(args.checkpoint_path or args.model)
-    return {"model": model, "tokenizer": tok.kind, "prompt": "reference" if args.prompt_template is None
-            else args.prompt_template, "data": str(args.data_path or "math500"),
-            "dataset_size": args.dataset_size, "max_new_tokens": args.max_new_tokens,
+    prompt = "reference" if args.prompt_template is None else args.prompt_template
+    return {"model": model, "tokenizer": tok and tok.kind, "prompt": prompt,
+            "data": str(args.data_path or "math500"), "dataset_size": args.dataset_size,
+            "max_new_tokens": args.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "seed": sampling.seed, "num_samples": args.num_samples, "thinking_budget": args.thinking_budget,
             "answer_budget": args.answer_budget if args.thinking_budget else None,
@@ -204,7 +212,13 @@ def run_generation(args):
     dtype = qwen3.pick_dtype(args.dtype, device)
     if args.api_base:
         server = data.ChatServer(args.api_base, args.api_model, args.api_key_env, args.timeout, args.tries)
-        tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
+        try:
+            tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
+        except (qwen3.DownloadError, FileNotFoundError) as error:  # a server's run can do without it
+            tok = None
+            print(f"note: no {', '.join(STUDENT_TOKEN_FIELDS)} in the records (the student's tokenizer, "
+                  f"--model {args.model}, could not be loaded: {str(error).splitlines()[0]}); token counts "
+                  "are the server's", file=sys.stderr)
     else:
         model, tok = qwen3.load(args.checkpoint_path or args.model, args.which_model, device, dtype,
                                 args.cache_dir)
@@ -231,8 +245,9 @@ def run_generation(args):
     if rank == 0:
         where = f"server {server.url}, {args.num_workers} requests in flight" if args.api_base else \
             f"device {device} ({settings['dtype']}) x {world_size} processes"
-        print(f"{where}, model {settings['model']}, tokenizer {tok.kind}: {describe_protocol(settings)}; "
-              f"{len(rows)} problems, {len(todo)} answers to make")
+        print(f"{where}, model {settings['model']}, tokenizer {settings['tokenizer']}: "
+              f"{describe_protocol(settings)}; {len(rows)} problems, {len(todo)} answers to make")
+        print(overlap_with_evaluation_set(args, rows))
         summary_path.write_text(json.dumps({"protocol": settings, "complete": False}, indent=2))
     done_flag.unlink(missing_ok=True)
     write_records(part, previous if part == out else previous_part)  # without a cut-off last line
@@ -278,6 +293,23 @@ def run_generation(args):
         print(f"{len(gave_up)} answers failed every try ({gave_up[-1]}): run the same command with --resume "
               "to ask for them again", file=sys.stderr)
     return summary
+
+
+def overlap_with_evaluation_set(args, rows):
+    """One line, before the first answer is asked for: do these problems overlap the evaluation set? Answers
+    to them would make a student trained on them score higher there."""
+    here = data.resolve_data_path(args.data_path or "math500", args.cache_dir)
+    there = data.resolve_data_path(args.against, args.cache_dir, download=False)
+    if there is not None and here.resolve() == there.resolve():
+        return f"problems: the evaluation set itself ({args.against})"
+    overlaps = there and data.evaluation_overlaps(there, args.cache_dir)
+    if overlaps is None:
+        return f"overlap with {args.against}: not checked (not downloaded yet: a run on it downloads it)"
+    found = data.contaminated(rows, overlaps)
+    if not found:
+        return f"overlap with {args.against}: none"
+    return (f"warning: {data.describe_contaminated(found, args.against)}: answers to them would make a "
+            "student score higher there; train.py --decontaminate drops them")
 
 
 def read_template(template):
@@ -450,7 +482,7 @@ def summarize(records, wall_time_s=None, settings=None, price_in=None, price_out
         if wall_time_s:
             summary.update(wall_time_s=wall_time_s, tokens_per_sec=tokens / wall_time_s)
     fields = [f for f in ("thinking_tokens", "content_tokens", "num_tokens") if records and f in records[0]]
-    summary["lengths"] = {f: length_stats([r[f] for r in records]) for f in fields}
+    summary["lengths"] = {f: data.length_stats([r[f] for r in records]) for f in fields}
     if records and "completion_tokens" in records[0]:  # the server's counts: what it bills
         usage = {k: sum(r[k] for r in records) for k in ("prompt_tokens", "completion_tokens")}
         if price_in is not None and price_out is not None:
@@ -459,12 +491,6 @@ def summarize(records, wall_time_s=None, settings=None, price_in=None, price_out
             usage["cost_usd_per_1000_answers"] = 1000 * usage["cost_usd"] / len(records)
         summary["usage"] = usage
     return {**summary, "protocol": settings or {}, "complete": True}
-
-
-def length_stats(lengths):
-    ordered = sorted(lengths)
-    return {"average": sum(ordered) / len(ordered), "median": ordered[len(ordered) // 2], "min": ordered[0],
-            "max": ordered[-1]}
 
 
 def print_summary(s):
@@ -479,8 +505,9 @@ def print_summary(s):
     for key in ("by_subject", "by_level"):
         print(f"  {key[3:]:>8}: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in s[key].items()))
     if "avg_response_tokens" in s:
+        looped = f", {100 * s['looped_share']:.1f}% end in a loop" if "looped_share" in s else ""
         print(f"  average answer {s['avg_response_tokens']:.0f} tokens; "
-              f"{100 * s['truncated_share']:.1f}% hit the cap, {100 * s['looped_share']:.1f}% end in a loop, "
+              f"{100 * s['truncated_share']:.1f}% hit the cap{looped}, "
               f"{100 * (1 - s['boxed_share']):.1f}% have no box, {100 * s['thought_cut_share']:.1f}% had "
               "their thought cut" + (f"; {s['wall_time_s']:.0f} s, {s['tokens_per_sec']:.0f} tokens/s"
                                      if "wall_time_s" in s else ""))
@@ -555,6 +582,8 @@ def parse_args(argv=None):
     a("--teacher_json", default=None, help="also write the answers as the reference's teacher file: a JSON "
       "array of problem, gtruth_answer, message_thinking, message_content")
     a("--resume", action="store_true", help="continue a partial --out file with the same settings")
+    a("--against", default="math500", help="say, before the first answer, whether --data_path overlaps this "
+      "evaluation set: a set by name (checked once downloaded) or a JSON/JSONL file with a 'problem' per row")
     qwen3.add_flags(g, "--device", "--dtype", "--cache_dir")
     api = g.add_argument_group("a teacher behind an OpenAI-compatible server (OpenRouter, vLLM, SGLang, "
                                "Ollama, llama.cpp) instead of a local model; --model then only names the "

@@ -48,6 +48,10 @@ def parse_args(argv=None, namespace=None):
     qwen3.add_flags(p, "--model", "--which_model", which_model=dict(default="reasoning"))
     qwen3.add_flags(p, "--data_path", "--use_think_tokens", "--max_seq_len", registry=data.DATA_FLAGS)
     a("--dataset_size", type=int, default=None, help="use only the first N rows of the file")
+    a("--decontaminate", action="store_true", help="drop the rows whose problem overlaps the evaluation set "
+      "(--against); pass it for your own data (default: report them)")
+    a("--against", default="math500", help="the evaluation set the data must not overlap: a set by name "
+      "(checked once downloaded, as evaluate.py does) or a JSON/JSONL file with a 'problem' per row")
     a("--only_correct", action="store_true", help="rejection sampling: keep only the rows whose "
       "message_content the checker grades right against gtruth_answer (every correct sample of a problem)")
     a("--validation_size", type=int, default=25, help="held-out examples for the validation loss")
@@ -570,7 +574,21 @@ def load_examples(args, tok, say=print):
     if args.dataset_size:
         examples = [e for e in examples if e["row"] < args.dataset_size]
         num_rows = min(num_rows, args.dataset_size)
-    say(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}")
+    # rows whose problem is an evaluation problem, or a close copy: reported, or dropped with --decontaminate
+    overlaps = data.evaluation_overlaps(args.against, args.cache_dir, download=args.decontaminate)
+    if overlaps is None:
+        contamination = f"not checked ({args.against} not downloaded yet: evaluate.py downloads it)"
+    else:
+        rows = data.load_distill_data(args.data_path, args.cache_dir)[:num_rows]
+        found = data.contaminated(rows, overlaps)
+        if args.decontaminate:
+            usable = len(examples)
+            examples = [e for e in examples if e["row"] not in found]
+            skipped[f"contaminated ({args.against})"] = usable - len(examples)
+        contamination = data.describe_contaminated(found, args.against)
+        contamination += ": --decontaminate drops them" if found and not args.decontaminate else ""
+    say(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}; "
+        f"contaminated: {contamination}")
     if args.only_correct:
         examples = correct_only(examples, data.load_distill_data(args.data_path, args.cache_dir), say)
     if not examples:

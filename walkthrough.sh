@@ -11,7 +11,7 @@ python evaluate.py generate --model tiny --which_model base --data_path "$out/te
     --out "$out/before.jsonl"
 python train.py --model tiny --which_model base --data_path "$out/train.json" --out_dir "$out/run" \
     --epochs 8 --lr 1e-2 --lr_schedule cosine --warmup_steps 50 --grad_clip 1.0 --batch_size 8 \
-    --validation_size 50 --log_every 200
+    --validation_size 50 --log_every 200 --against "$out/test.json"
 python evaluate.py generate --checkpoint_path "$out/run" --data_path "$out/test.json" --max_new_tokens 64 \
     --out "$out/after.jsonl"
 python evaluate.py generate --checkpoint_path "$out/run" --data_path "$out/test.json" --max_new_tokens 64 \

@@ -94,6 +94,27 @@ def file_server():
 
 
 @pytest.fixture(autouse=True)
+def only_local_network(monkeypatch):
+    """The tests talk to servers they start on 127.0.0.1 and to nothing else: a name or an address elsewhere
+    is refused before any packet leaves (a test that would reach the internet fails instead)."""
+    import socket
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    local = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in local and host is not None:
+            raise socket.gaierror(f"the tests do not look up {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in local:
+            raise OSError(f"the tests do not connect to {address[0]}")
+        return real_connect(self, address)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True)
 def no_backoff(monkeypatch):
     """Download retries without the real back-off sleeps."""
     import qwen3

@@ -1,5 +1,6 @@
 import json
 import re
+import time
 from collections import Counter
 
 import pytest
@@ -114,11 +115,11 @@ def test_filter_and_split_are_deterministic_with_clear_errors():
     assert data.split_examples(kept, 2, seed=2) != data.split_examples(kept, 2, seed=3)
     with pytest.raises(ValueError, match="leaves no training examples"):
         data.split_examples(kept, 4, seed=1)
-    stats = data.length_stats(examples)
-    assert stats["total"]["longest"] == 80 and stats["total"]["longest_index"] == 4
-    assert stats["total"]["shortest"] == 3 and stats["answer"]["average"] == pytest.approx(
-        sum([4, 49, 9, 2, 79, 6]) / 6
-    )
+    stats = data.length_stats([len(e["token_ids"]) for e in examples], [e["row"] for e in examples])
+    assert stats["max"] == 80 and stats["max_row"] == 4
+    assert stats["min"] == 3 and stats["min_row"] == 3 and stats["median"] == 10
+    answers = data.length_stats([len(e["token_ids"]) - e["prompt_len"] for e in examples])
+    assert answers["average"] == pytest.approx(sum([4, 49, 9, 2, 79, 6]) / 6) and "max_row" not in answers
 
 
 def test_length_aware_batches_cover_every_example_once():
@@ -203,7 +204,7 @@ def test_synthetic_dataset_schema_traces_and_disjoint_split():
 def test_stats_on_real_rows_with_real_tokenizer(shared_data, real_tokenizer_path, tmp_path, capsys):
     data.main(["stats", "--data_path", str(shared_data / "deepseek-r1-math-train-sample5.json"),
                "--tokenizer", str(real_tokenizer_path), "--use_think_tokens", "--max_seq_len", "1000",
-               "--cache_dir", str(tmp_path)])
+               "--against", str(shared_data / "math500_test.json"), "--cache_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "rows: 5, usable: 5, skipped: none" in out
     averages = [int(x) for x in re.findall(r"average (\d+)", out)]
@@ -269,3 +270,65 @@ def test_teacher_logits_resume_from_finished_parts_and_refuse_other_data(tmp_pat
         data.read_teacher_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, True)  # --use_think_tokens
     with pytest.raises(ValueError, match="not a teacher-logits file"):
         data.read_teacher_logits(teacher, tmp_path / "t.json", tok, False)
+
+
+# -----------------------------------------------------------------------------
+# Contamination: training problems that are MATH-500 problems, or close copies of them
+
+
+def planted_rows(math500):
+    """Copies of MATH-500 problems as a scraped set would have them, and problems that only look alike."""
+    p12, p25, p3 = (math500[i]["problem"] for i in (12, 25, 3))
+    return [
+        {"problem": p12},  # 0: exact
+        {"problem": p25.replace("f(x + y)", "f\\left( x+y \\right)").replace("  ", " \\, ")},  # 1: spacing
+        {"problem": "For instance, 12 has the proper divisors 1, 2, 3, 4 and 6."  # 2: a sentence reworded
+                    + p12[p12.index(" A proper"):]},
+        {"problem": "A warm-up first: what is 2 + 2? " + p12 + " Give the answer in words."},  # 3: embedded
+        {"problem": p3.replace(" ", "  ")},  # 4: a short problem, spaced out: equal once normalised
+        {"problem": "How many positive divisors does 196 have?"},  # 5: short and reworded: not equal
+        {"problem": "Take 284 and add up all of its divisors smaller than itself, then do the same for the "
+                    "result. Which number do you get?"},  # 6: the problem of row 0, reworded throughout
+        {"problem": "What is $y$? Express your answer as a common fraction."},  # 7: boilerplate
+        {"problem": "Let $x,$ $y,$ and $z$ be real numbers. Express your answer as a common fraction."},  # 8
+    ]
+
+
+def test_planted_contamination_is_found_and_look_alikes_are_not(shared_data):
+    math500 = data.read_rows(shared_data / "math500_test.json")
+    found = data.contaminated(planted_rows(math500), data.Overlaps([r["problem"] for r in math500]))
+    assert sorted(found) == [0, 1, 2, 3, 4]
+    assert [found[i][0] for i in range(5)] == [12, 25, 12, 12, 3]  # the MATH-500 problem each one copies
+    assert len(found[2][1].split()) == data.NGRAM and found[4][1] == " ".join(data.problem_words(math500[3]
+                                                                                                ["problem"]))
+    assert data.problem_words("$\\left( x \\right)\\!\\;+ 1$ [asy]draw((0,0));[/asy]") == ["x", "1"]
+
+
+def test_checking_100000_rows_takes_seconds(shared_data):
+    """Measures (prints) the check's speed; asserts only what it found."""
+    math500 = data.read_rows(shared_data / "math500_test.json")
+    overlaps = data.Overlaps([r["problem"] for r in math500])
+    rows = [{"problem": f"{math500[i % 500]['problem']} (variant {i})"} for i in range(100_000)]
+    start = time.time()
+    found = data.contaminated(rows, overlaps)
+    print(f"\n100,000 rows checked against MATH-500 in {time.time() - start:.2f} s")
+    short = sum(len(data.problem_words(r["problem"])) < data.NGRAM for r in math500)  # found only unchanged
+    assert len(found) == 100_000 - short * 200
+
+
+def test_stats_reports_duplicates_wrong_answers_contamination_and_lengths(shared_data, tmp_path, capsys):
+    math500 = data.read_rows(shared_data / "math500_test.json")
+    rows, _ = data.synth_dataset(6, 0, seed=2)
+    rows[2] = {**rows[1], "problem": rows[1]["problem"].replace(" ", "  ")}  # the same problem and answer
+    rows[3] = {**rows[0], "message_content": "So \\boxed{0}."}  # the same problem, a wrong answer
+    rows.append({**rows[4], "problem": math500[12]["problem"]})  # a MATH-500 problem
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    data.main(["stats", "--data_path", str(tmp_path / "t.json"), "--tokenizer", "tiny",
+               "--max_seq_len", "200",
+               "--against", str(shared_data / "math500_test.json"), "--cache_dir", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert "duplicates: 2 rows repeat an earlier problem (after normalisation), 1 with the same final " \
+           "answer too (rows 2)" in out
+    assert "teacher answers: 1 of 7 graded wrong against gtruth_answer (rows 3)" in out
+    assert "contaminated: 1 rows share a 10-word run with" in out and "row 6: 'the proper divisors" in out
+    assert re.search(r"max_seq_len 200: original 7, kept 6, removed 1 \(rows 6\)", out)

@@ -4,11 +4,13 @@ rejection sampling (train.py --only_correct)."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ def problems(tmp_path, n, name="problems.json"):
 
 def generate(server, data_path, out, *extra):
     return ["generate", "--api_base", server.url, "--api_model", "teacher", "--model", "tiny", "--data_path",
-            str(data_path), "--out", str(out), *extra]
+            str(data_path), "--out", str(out), *map(str, extra)]
 
 
 def records(path):
@@ -239,3 +241,33 @@ def test_problem_sets_by_name_are_downloaded_once(tmp_path, file_server, monkeyp
     teacher_rows = [{"problem": "x?", "gtruth_answer": "3", "message_content": "\\boxed{3}"}]
     (tmp_path / "teacher.json").write_text(json.dumps(teacher_rows))
     assert data.load_problems(tmp_path / "teacher.json")[0]["answer"] == "3"  # a teacher file's problems
+
+
+def test_problems_that_overlap_the_evaluation_set_are_named_before_the_first_request(tmp_path, capsys):
+    path, rows = problems(tmp_path, 6)
+    evaluation = [{"problem": "Which planet?"}, {"problem": rows[2]["problem"]}]
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    with socket.socket() as s:  # a port nobody listens on: the first request fails at once
+        s.bind(("127.0.0.1", 0))
+        server = Namespace(url=f"http://127.0.0.1:{s.getsockname()[1]}/v1")
+        with pytest.raises(ValueError, match="no server answers"):
+            evaluate.main(generate(server, path, tmp_path / "o.jsonl", "--against", tmp_path / "eval.json"))
+    assert re.search(r"warning: 1 rows share a 10-word run with .*eval.json \(row 2: 'what is 2 2' "
+                     r"\(.*eval.json problem 1\)\): answers to them would make a student score higher there",
+                     capsys.readouterr().out)
+
+
+def test_a_server_run_without_the_students_tokenizer_writes_records_and_a_summary(
+        teacher_server, file_server, tmp_path, monkeypatch, capsys):
+    # the student's tokenizer is not to be had: the Hub answers 404
+    monkeypatch.setattr(qwen3, "HF_URL", file_server.url + "/{repo}/resolve/main/{file}")
+    path, rows = problems(tmp_path, 4)
+    argv = generate(teacher_server, path, tmp_path / "out.jsonl", "--cache_dir", str(tmp_path / "cache"))
+    argv[argv.index("tiny")] = "Org/Unreachable"
+    summary = evaluate.main(argv)
+    got = records(tmp_path / "out.jsonl")
+    assert len(got) == 4 and all(r["num_tokens"] == r["completion_tokens"] > 0 for r in got)
+    assert not {"thinking_tokens", "content_tokens", "looped"} & set(got[0])
+    assert summary["complete"] and set(summary["lengths"]) == {"num_tokens"} and "looped_share" not in summary
+    assert summary["protocol"]["tokenizer"] is None
+    assert "note: no thinking_tokens, content_tokens, looped in the records" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -544,3 +545,26 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused(synth, tmp_pa
         with pytest.raises(ValueError, match="another tokenizer or vocabulary"):
             train.main(run_args(synth, tmp_path / "run", "--teacher", str(tmp_path / teacher)))
         assert not (tmp_path / "run").exists()
+
+
+def test_contaminated_rows_are_reported_and_dropped_only_with_decontaminate(tmp_path, capsys):
+    rows, test = data.synth_dataset(60, 8, seed=3)
+    for i, k in ((10, 0), (20, 1), (30, 2)):  # teacher rows whose problem is an evaluation problem
+        rows[i] = {**rows[i], "problem": test[k]["problem"]}
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    (tmp_path / "other.json").write_text(json.dumps([{"problem": "Which planet is the largest?"}]))
+    argv = lambda out, against, *extra: run_args(tmp_path / "train.json", tmp_path / out, "--epochs", "1",
+                                                 "--against", str(tmp_path / against), *extra)
+    train.main(argv("reported", "test.json"))
+    out = capsys.readouterr().out
+    assert "data: 60 rows, 60 usable, skipped: none; contaminated: 3 rows share a 10-word run with" in out
+    assert "(row 10: 'what is" in out and "--decontaminate drops them" in out
+    train.main(argv("clean", "other.json"))  # reporting changes nothing in what is trained
+    assert "contaminated: none share a 10-word run" in capsys.readouterr().out
+    assert losses(tmp_path / "reported" / "metrics.csv") == losses(tmp_path / "clean" / "metrics.csv")
+    args = train.parse_args(argv("dropped", "test.json", "--decontaminate"))
+    kept = train.load_examples(args, qwen3.load_tokenizer("tiny", "base"))
+    assert sorted(e["row"] for part in kept for e in part) == sorted(set(range(60)) - {10, 20, 30})
+    assert re.search(r"data: 60 rows, 57 usable, skipped: 3 contaminated \(.*test.json\); "
+                     r"contaminated: 3 rows", capsys.readouterr().out)
