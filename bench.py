@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import data
 import qwen3
 import train
@@ -93,7 +94,7 @@ def time_steps(parameters, steps, device, step_fn, warmup, precision="float32"):
 
 def bench_train(args, model, device, rank, world_size):
     """train.py's own step (collate, chunked answer loss, backward) on synthetic batches."""
-    precision = train.pick_precision(args.dtype, device, args.fsdp)
+    precision = train.pick_precision(args.precision, device, args.fsdp)
     autocast = autocast_for(precision, device)
     step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5)
     n = args.batch_size * (args.steps + args.warmup)
@@ -109,7 +110,7 @@ def bench_train(args, model, device, rank, world_size):
         reset_peak_memory(device)
         seconds, tokens, optimizer_s = time_steps(model.parameters(), batches, device, step, args.warmup,
                                                   precision[0])
-        return tokens / seconds, qwen3.peak_memory_gib(device), optimizer_s / args.steps
+        return tokens / seconds, common.peak_memory_gib(device), optimizer_s / args.steps
 
     # the copies live on the host: on the device they would count in the peak memory measured next
     before = [p.detach().to("cpu", copy=True) for p in model.parameters()] if args.count_changes else []
@@ -122,10 +123,10 @@ def bench_train(args, model, device, rank, world_size):
         changed = sum((p.cpu() != b).sum().item() for p, b in zip(model.parameters(), before))
         result["changed_fraction"] = changed / model.num_params()
     if world_size > 1:  # the same steps again, gradients synchronised: what data parallelism costs
-        trained = train.wrap(model, argparse.Namespace(fsdp=args.fsdp), precision, world_size)
+        trained = common.distribute(model, args.fsdp, precision[2], world_size)
         per_process, memory, _ = measure(trained)
         result.update(tokens_per_sec=per_process, single_process_tokens_per_sec=tokens_per_sec,
-                      tokens_per_sec_total=qwen3.all_sum([per_process], device)[0], processes=world_size,
+                      tokens_per_sec_total=common.all_sum([per_process], device)[0], processes=world_size,
                       scaling_efficiency=per_process / tokens_per_sec, tflops=flops * per_process / 1e12,
                       peak_memory_gib=memory)
     if args.teacher:
@@ -176,7 +177,7 @@ def bench_on_policy_step(args, model, teacher, examples, device, precision):
             "on_policy_teacher_s": stats["teacher_s"],
             "on_policy_update_s": seconds - stats["rollout_s"] - stats["teacher_s"],
             "on_policy_answer_tokens": stats["tokens"],
-            "on_policy_peak_memory_gib": qwen3.peak_memory_gib(device)}
+            "on_policy_peak_memory_gib": common.peak_memory_gib(device)}
 
 
 def report_train(args, result):
@@ -215,7 +216,7 @@ def bench_converge(args, train_argv):
     steps (validation excluded), checked every --eval_every examples, so batch sizes compare at equal data."""
     targs = train.parse_args(train_argv)
     device = qwen3.pick_device(targs.device)
-    precision = train.pick_precision(targs.dtype, device)
+    precision = train.pick_precision(targs.precision, device)
     autocast = autocast_for(precision, device)
     model = qwen3.load_model(targs.model, device, precision[1], targs.cache_dir, targs.seed)
     tok = qwen3.load_tokenizer(targs.model, targs.which_model, targs.cache_dir)
@@ -346,7 +347,7 @@ def bench_generate(args, model, device):
     seconds = time.time() - start
     tokens = sum(map(len, out))
     result = {"mode": "generate", "precision": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
-              "tokens_per_sec": tokens / seconds, "peak_memory_gib": qwen3.peak_memory_gib(device)}
+              "tokens_per_sec": tokens / seconds, "peak_memory_gib": common.peak_memory_gib(device)}
     if args.compare:  # the plain loop: one prompt at a time (qwen3.generate_simple)
         start = time.time()
         singles = [qwen3.generate_simple(model, p, args.max_new_tokens) for p in prompts]
@@ -395,15 +396,17 @@ def bench_data(args):
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, train="training throughput, MFU and memory on synthetic batches",
-                          memory="training memory per GPU of a model shape in each precision mode, estimated "
-                                 "on the CPU",
-                          converge="time to a target validation loss, training as train.py does",
-                          generate="generation throughput on synthetic prompts",
-                          data="tokenizing a teacher file of the real size, cold and cached")
+    p, sub = common.parser(__doc__, train="training throughput, MFU and memory on synthetic batches",
+                           memory="training memory per GPU of a model shape in each precision mode, "
+                                  "estimated on the CPU",
+                           converge="time to a target validation loss, training as train.py does",
+                           generate="generation throughput on synthetic prompts",
+                           data="tokenizing a teacher file of the real size, cold and cached")
     for name in ("train", "generate"):
         s = sub[name]
-        qwen3.add_flags(s, "--model", "--device", model=dict(default="tiny"))
+        s.add_argument("--model", default="tiny", help="a random model of a real shape ('random-0.6B' to "
+                       "'random-8B'), 'tiny', or a Hub repo id or Hugging Face-layout directory")
+        s.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
         s.add_argument("--batch_size", type=int, default=16)
         s.add_argument("--seq_len", type=int, default=256,
                        help="longest example / prompt (lengths vary from half of it)")
@@ -411,7 +414,7 @@ def parse_args(argv=None):
                        help="also time the plain baseline; print the speedup")
         s.add_argument("--seed", type=int, default=0)
     t = sub["train"]
-    t.add_argument("--dtype", default="auto", choices=["auto", *train.PRECISIONS],
+    t.add_argument("--precision", "--dtype", default="auto", choices=["auto", *train.PRECISIONS],
                    help="training precision, as in train.py")
     t.add_argument("--steps", type=int, default=10, help="timed training steps")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -429,7 +432,8 @@ def parse_args(argv=None):
     t.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak for MFU (detected for common GPUs)")
     g = sub["generate"]
-    qwen3.add_flags(g, "--dtype")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="inference dtype; auto = bfloat16 on cuda, float32 elsewhere")
     g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per prompt")
     m = sub["memory"]
     m.add_argument("--model", default="random-0.6B", choices=[n for n in qwen3.RANDOM_CONFIGS if n != "tiny"])
@@ -473,9 +477,9 @@ def main(argv=None):
               f"({result['val_loss']:.4f}) in {result['seconds']:.1f} s of training: {result['steps']} "
               f"steps, {result['examples']} examples, {result['tokens_per_sec']:,.0f} tokens/s")
     else:  # train, generate: a model on a device (one per process under torchrun)
-        rank, world_size, device = qwen3.init_processes(args.device)
+        rank, world_size, device = common.init_processes(args.device)
         if args.cmd == "train":
-            dtype = train.pick_precision(args.dtype, device)[1]
+            dtype = train.pick_precision(args.precision, device)[1]
         else:
             dtype = qwen3.pick_dtype(args.dtype, device)
         model = qwen3.load_model(args.model, device, dtype, seed=args.seed)
@@ -501,4 +505,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    qwen3.run(main)
+    common.run(main)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import checker
+import common
 import qwen3
 
 PARTITIONS = ["deepseek-r1-math-train", "deepseek-r1-math500", "qwen3-235b-a22b-math-train",
@@ -240,7 +241,7 @@ def _write_token_cache(cache_file, key, examples, skipped, num_rows):
              "prompt_lens": torch.tensor([e["prompt_len"] for e in examples], dtype=torch.int64),
              "rows": torch.tensor([e["row"] for e in examples], dtype=torch.int64)}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    _save(cache_file, state)
+    qwen3.save_atomically(cache_file, lambda tmp: torch.save(state, tmp))
 
 
 def _read_token_cache(cache_file, key):
@@ -672,13 +673,14 @@ def write_teacher_logits(args):
         rows = [e["row"] for e in part]
         ids, logprobs, rest = (torch.cat([results[r][k] for r in rows]) for k in range(3))
         lengths = torch.tensor([len(results[r][2]) for r in rows])
-        _save(part_path, {**header, "rows": torch.tensor(rows), "ids": ids, "logprobs": logprobs,
-                          "rest": rest, "lengths": lengths})
+        results = {**header, "rows": torch.tensor(rows), "ids": ids, "logprobs": logprobs, "rest": rest,
+                   "lengths": lengths}
+        qwen3.save_atomically(part_path, lambda tmp: torch.save(results, tmp))
     bar.close()
     loaded = [torch.load(parts / f"{n:05d}.pt", weights_only=True) for n in range(math.ceil(len(examples) /
                                                                                           PART_EXAMPLES))]
     merged = {k: torch.cat([p[k] for p in loaded]) for k in ("rows", "ids", "logprobs", "rest", "lengths")}
-    _save(out, {**header, **merged})
+    qwen3.save_atomically(out, lambda tmp: torch.save({**header, **merged}, tmp))
     for f in parts.iterdir():
         f.unlink()
     parts.rmdir()
@@ -697,13 +699,6 @@ def _part_header(path):
         return {k: part[k] for k in ("format", "key", "teacher", "top_k")}
     except Exception:
         return None  # damaged (cut off while written): computed again
-
-
-def _save(path, state):
-    """Atomic: a temp file of this process (several may write the same file at once), then a rename."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 class TeacherLogitsFile:
@@ -749,26 +744,25 @@ def read_teacher_logits(path, data_path, tokenizer, use_think_tokens, cache_dir=
 # Command line
 
 
-DATA_FLAGS = {  # shared with train.py and bench.py
-    "--data_path": dict(default="deepseek-r1-math-train",
-                        help=f"teacher JSON/JSONL file or partition: {', '.join(PARTITIONS)}"),
-    "--use_think_tokens": dict(action="store_true",
-                               help="wrap the teacher's reasoning in <think>...</think>"),
-    "--max_seq_len": dict(type=int, default=2048, help="drop examples longer than this many tokens"),
-}
-
-
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, stats="what a teacher file holds: lengths, duplicates, wrong answers, "
-                                         "overlap with the evaluation set",
-                          synth="write the offline synthetic dataset",
-                          **{"teacher-logits": "store a teacher's top-k log-probabilities for train.py "
-                                               "--teacher_logits"})
+    p, sub = common.parser(__doc__, stats="what a teacher file holds: lengths, duplicates, wrong answers, "
+                                          "overlap with the evaluation set",
+                           synth="write the offline synthetic dataset",
+                           **{"teacher-logits": "store a teacher's top-k log-probabilities for train.py "
+                                                "--teacher_logits"})
+    for s in (sub["stats"], sub["teacher-logits"]):  # the data, formatted as train.py formats it
+        s.add_argument("--data_path", default="deepseek-r1-math-train",
+                       help=f"teacher JSON/JSONL file or partition: {', '.join(PARTITIONS)}")
+        s.add_argument("--use_think_tokens", action="store_true",
+                       help="wrap the teacher's reasoning in <think>...</think>")
+        s.add_argument("--max_seq_len", type=int, default=2048, help="drop examples longer than this")
+        s.add_argument("--which_model", default="reasoning", choices=["base", "reasoning"],
+                       help="tokenizer variant: 'reasoning' chat-wraps prompts, as train.py does by default")
+        s.add_argument("--cache_dir", default=None, help="downloads and token cache "
+                       "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
     s = sub["stats"]
-    qwen3.add_flags(s, "--data_path", "--use_think_tokens", "--max_seq_len", registry=DATA_FLAGS)
     s.add_argument("--tokenizer", default="Qwen/Qwen3-0.6B",
                    help="repo id, model directory, tokenizer.json or 'tiny'")
-    qwen3.add_flags(s, "--which_model", "--cache_dir", which_model=dict(default="reasoning"))
     s.add_argument("--against", default="math500", help="the evaluation set the problems must not overlap: "
                    "a set by name (downloaded once) or a JSON/JSONL file with a 'problem' per row")
     y = sub["synth"]
@@ -787,9 +781,9 @@ def parse_args(argv=None):
     t.add_argument("--tokenizer", default=None, help="encode the data with this tokenizer, the student's "
                    "(default: the teacher's; their vocabularies must agree)")
     t.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
-    qwen3.add_flags(t, "--data_path", "--use_think_tokens", "--max_seq_len", registry=DATA_FLAGS)
-    qwen3.add_flags(t, "--which_model", "--device", "--dtype", "--cache_dir",
-                    which_model=dict(default="reasoning"))
+    t.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    t.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the teacher's dtype; auto = bfloat16 on cuda, float32 elsewhere")
     return p.parse_args(argv)
 
 
@@ -870,4 +864,4 @@ def rows_named(rows, shown=8):
 
 
 if __name__ == "__main__":
-    qwen3.run(main)
+    common.run(main)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import checker
+import common
 import data
 import qwen3
 
@@ -203,7 +204,7 @@ def generate_records(answers, rows, tok, out_file, total, quiet=False):
 def run_generation(args):
     """The generate command, in one process or one of several under torchrun: each process answers a share of
     the problems into its own part file; the first merges them into --out and writes the summary."""
-    rank, world_size, device = qwen3.init_processes(args.device, group=False)  # no collectives: files only
+    rank, world_size, device = common.init_processes(args.device, group=False)  # no collectives: files only
     out = Path(args.out)
     rows = data.load_problems(args.data_path, args.cache_dir)[:args.dataset_size]
     template = read_template(args.prompt_template)
@@ -378,11 +379,10 @@ def summary_path_of(out):
 
 
 def write_records(path, records):
-    """Atomic: a temp file, then a rename (a kill while writing leaves the old file whole)."""
+    """One JSON line per record, the file written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    qwen3.save_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_records(path):
@@ -546,12 +546,17 @@ def cross_check(records):
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, default="generate",
-                          generate="answer MATH-500 (or a file in its schema) and grade the answers",
-                          grade="grade answers already in a file (no model)")
+    p, sub = common.parser(__doc__, default="generate",
+                           generate="answer MATH-500 (or a file in its schema) and grade the answers",
+                           grade="grade answers already in a file (no model)")
     g = sub["generate"]
-    qwen3.add_flags(g, "--model", "--which_model", "--checkpoint_path")
     a = g.add_argument
+    a("--model", default="Qwen/Qwen3-0.6B-Base", help="Hub repo id, Hugging Face-layout directory, or a "
+      "random model ('tiny', 'random-0.6B'); with --api_base, only the tokenizer that counts answer tokens")
+    a("--which_model", default="base", choices=["base", "reasoning"], help="tokenizer variant: 'reasoning' "
+      "chat-wraps prompts and ends answers at <|im_end|>; 'base' is plain text ending at <|endoftext|>")
+    a("--checkpoint_path", default=None, help="a checkpoint of train.py (a .pth file, or a run directory for "
+      "its latest epoch): it carries its model and tokenizer variant")
     a("--data_path", default=None, help="problems: a set by name, downloaded once (math500, or math-train: "
       "the 12,000 MATH problems outside MATH-500, the reference's teacher prompts), or a JSON/JSONL file of "
       "rows with 'problem' and 'answer' (or 'gtruth_answer'); default: math500")
@@ -584,7 +589,10 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue a partial --out file with the same settings")
     a("--against", default="math500", help="say, before the first answer, whether --data_path overlaps this "
       "evaluation set: a set by name (checked once downloaded) or a JSON/JSONL file with a 'problem' per row")
-    qwen3.add_flags(g, "--device", "--dtype", "--cache_dir")
+    a("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto = bfloat16 on cuda, "
+      "float32 elsewhere; float32 means true float32 matmuls (TF32 off: exact, slow on GPUs)")
+    a("--cache_dir", default=None, help="downloads (default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
     api = g.add_argument_group("a teacher behind an OpenAI-compatible server (OpenRouter, vLLM, SGLang, "
                                "Ollama, llama.cpp) instead of a local model; --model then only names the "
                                "tokenizer that measures the answers")
@@ -607,14 +615,14 @@ def parse_args(argv=None):
     for s in sub.values():
         s.add_argument("--cross_check", action="store_true",
                        help="also grade with math-verify (optional package) and list the disagreements")
-    return p.parse_args(qwen3.with_command(argv, sub, lambda argv: "generate"))
+    return p.parse_args(common.with_command(argv, sub, lambda argv: "generate"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    args.argv = qwen3.with_command(argv, ("generate", "grade"), lambda argv: "generate")  # to print on Ctrl-C
+    args.argv = common.with_command(argv, ("generate", "grade"), lambda argv: "generate")  # shown on Ctrl-C
     return grade_file(args) if args.cmd == "grade" else run_generation(args)
 
 
 if __name__ == "__main__":
-    qwen3.run(main)
+    common.run(main)

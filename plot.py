@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+import common
 import evaluate
 import qwen3
 
@@ -188,11 +189,11 @@ def save(fig, out, show):
 
 
 def parse_args(argv=None):
-    p, sub = qwen3.parser(__doc__, default="the kind of chart its files call for (metrics CSVs: loss)",
-                          loss="loss curves from metrics CSVs (train.py's or the reference's)",
-                          accuracy="accuracy bars from evaluate.py summaries",
-                          lengths="answer-length histograms from evaluate.py records",
-                          progress="accuracy against training time from evaluations of checkpoints")
+    p, sub = common.parser(__doc__, default="the kind of chart its files call for (metrics CSVs: loss)",
+                           loss="loss curves from metrics CSVs (train.py's or the reference's)",
+                           accuracy="accuracy bars from evaluate.py summaries",
+                           lengths="answer-length histograms from evaluate.py records",
+                           progress="accuracy against training time from evaluations of checkpoints")
     inputs = {"loss": "metrics CSVs", "accuracy": "OUT.summary.json files", "lengths": "OUT.jsonl files",
               "progress": "OUT.summary.json files of train.py checkpoints (evaluate.py --checkpoint_path)"}
     for name, s in sub.items():
@@ -202,7 +203,7 @@ def parse_args(argv=None):
         s.add_argument("--out", default=f"{name}.png", help="image file")
         s.add_argument("--show", action="store_true", help="also open a window (needs a display)")
     sub["progress"].add_argument("--start", help="the summary of the checkpoint the runs began from (0 s)")
-    return p.parse_args(qwen3.with_command(argv, sub, chart_for))
+    return p.parse_args(common.with_command(argv, sub, chart_for))
 
 
 def chart_for(argv):
@@ -233,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    qwen3.run(main)
+    common.run(main)

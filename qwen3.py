@@ -1,5 +1,6 @@
 """
-Qwen3 in one file: config, model, KV-cache generation, tokenizer, downloads, weights and checkpoints.
+Qwen3 in one file: config, model, KV-cache generation, tokenizer, weights and checkpoints, downloads.
+It needs torch, tokenizers and safetensors (requests to download), and nothing else of this project.
 
 Numerics follow the official Hugging Face implementation: RMSNorm in float32 then cast back,
 per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU MLP.
@@ -13,7 +14,6 @@ per-head q/k RMSNorm before RoPE, split-halves RoPE computed in float32, SwiGLU 
 """
 import argparse
 import collections
-import gc
 import hashlib
 import json
 import os
@@ -769,16 +769,23 @@ def load(source, which_model="base", device="cpu", dtype=torch.float32, cache_di
 
 
 def save_checkpoint(path, model, tokenizer, weights=None, **extra):
-    """Atomic save (temp file, then rename). weights: the model's state dict unless given (gathered from
-    shards); they keep the dtype they train in (float32 master weights: what an exact resume needs).
-    extra: optimizer state, step, RNG states... (plain data only)."""
+    """Saved whole or not at all (save_atomically). weights: the model's state dict unless given
+    (gathered from shards); they keep the dtype they train in (float32 master weights: what an exact resume
+    needs). extra: optimizer state, step, RNG states... (plain data only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = model.state_dict() if weights is None else weights
     state = {"format": CHECKPOINT_FORMAT, "config": asdict(model.cfg), "model": weights,
              "tokenizer": {"json": tokenizer.json, "kind": tokenizer.kind}, **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    return save_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_atomically(path, save):
+    """Write a file whole or not at all: save(a temporary path of this process's), then a rename. A kill while
+    writing leaves the old file as it was; two processes writing one file at once do not mix."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save(tmp)
     os.replace(tmp, path)
     return path
 
@@ -906,7 +913,7 @@ def _model_dir(name_or_dir, cache_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# Devices and processes
+# Devices
 
 
 def pick_device(name="auto"):
@@ -919,134 +926,39 @@ def pick_device(name="auto"):
 
 def pick_dtype(name, device):
     """Inference dtype. 'auto': bfloat16 on CUDA (its tensor cores), float32 elsewhere (most CPUs compute
-    bfloat16 slowly)."""
+    bfloat16 slowly). float32 means true float32 matmuls (TF32 stays off: exact, slow on GPUs)."""
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def peak_memory_gib(device):
-    """Peak GPU memory allocated on CUDA; elsewhere the process's peak resident memory."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource  # Unix only: imported where it is used
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def init_processes(device_name="auto", group=True):
-    """(rank, world size, device) of this process: under torchrun (WORLD_SIZE > 1) one GPU per local rank, and
-    with group=True the process group that collectives need (NCCL on CUDA, gloo elsewhere)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    import torch.distributed as dist  # only multi-process runs need it
-    if group and not dist.is_initialized():  # gloo also runs on CPUs: the tests use two CPU processes
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return int(os.environ["RANK"]), world, device
-
-
-def all_sum(values, device):
-    """Element-wise sum over all processes of numbers and 0-dim tensors on `device`, as a list of floats: the
-    tensors (a step's losses) are read with one wait for the device, where they are summed in float64."""
-    import torch.distributed as dist
-    summed = to_device([0.0 if isinstance(v, torch.Tensor) else v for v in values], device, torch.float64)
-    for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            summed[i] = v
-    if dist.is_initialized():
-        dist.all_reduce(summed)
-    return summed.tolist()
-
-
 # -----------------------------------------------------------------------------
-# Command lines: the flags the scripts share (one name, default and help everywhere), one error handler,
-# and this file's own commands (chat with a model or checkpoint, export to the Hugging Face layout)
-
-FLAGS = {
-    "--model": dict(default="Qwen/Qwen3-0.6B-Base",
-                    help="Hub repo id, local Hugging Face-layout directory, or a random model "
-                         "('tiny', 'random-0.6B')"),
-    "--which_model": dict(default="base", choices=["base", "reasoning"],
-                          help="tokenizer variant: 'reasoning' chat-wraps prompts and ends answers with "
-                               "<|im_end|>; 'base' is plain text ending with <|endoftext|>"),
-    "--checkpoint_path": dict(default=None, help="a checkpoint of train.py (a .pth file, or a run directory "
-                                                 "for its latest epoch): it carries the model and tokenizer"),
-    "--device": dict(default="auto", help="auto = cuda, then mps, then cpu"),
-    "--dtype": dict(default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="inference dtype; auto = bfloat16 on cuda, float32 elsewhere; float32 means true "
-                         "float32 matmuls (TF32 off: exact, slow on GPUs)"),
-    "--cache_dir": dict(default=None, help="downloads and token cache "
-                                           "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)"),
-}
-
-
-def parser(doc, default=None, **subcommands):
-    """An argument parser showing defaults; with subcommands {name: help}: (parser, {name: subparser}).
-    default: what a command line without a subcommand means (see with_command)."""
-    kind = argparse.ArgumentDefaultsHelpFormatter
-    description = doc.strip().splitlines()[0] + (f" Without a command: {default}." if default else "")
-    p = argparse.ArgumentParser(description=description, formatter_class=kind)
-    if not subcommands:
-        return p
-    sub = p.add_subparsers(dest="cmd", required=True)
-    return p, {name: sub.add_parser(name, help=h, description=h, formatter_class=kind)
-               for name, h in subcommands.items()}
-
-
-def with_command(argv, commands, pick):
-    """argv with a subcommand first, where it has none: a script's main job needs no subcommand, as before
-    the subcommands came (`python evaluate.py --checkpoint_path runs/r1` is `evaluate.py generate ...`).
-    pick(argv): the command a line without one means."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]) or (argv and argv[0] in commands):
-        return argv
-    return [pick(argv), *argv]
-
-
-def add_flags(p, *names, registry=FLAGS, **overrides):
-    """Add shared flags (from FLAGS, or data.DATA_FLAGS) to a parser. overrides {flag name without dashes:
-    dict of settings}: only where a script needs another default, and its help says why."""
-    for name in names:
-        p.add_argument(name, **{**registry[name], **overrides.get(name.lstrip("-"), {})})
-
-
-def run(main):
-    """Every script's entry point: expected errors (bad input, missing files, failed downloads) end the
-    program with one line, not a traceback. Under torchrun the processes then end together, after main's
-    objects are gone: a DDP wrapper still alive when its process group goes made gloo abort now and then
-    at exit ("terminate called without an active exception": 4 of 20 two-process runs, 0 of 40 this way)."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError, DownloadError) as err:
-        sys.exit(f"error: {err}")
-    end_processes()
-
-
-def end_processes():
-    """Leave the process group together (a barrier first: one process may still be working)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # what main left in reference cycles goes first, a DDP wrapper with it
-        dist.barrier()
-        dist.destroy_process_group()
+# This file's own commands: talk to a model or checkpoint, export a checkpoint to the Hugging Face layout
 
 
 def parse_args(argv=None):
-    p, sub = parser(__doc__, generate="stream an answer to one prompt",
-                    export="write a checkpoint in the Hugging Face layout")
-    g = sub["generate"]
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="stream an answer to one prompt")
     g.add_argument("prompt")
-    add_flags(g, "--model", "--which_model", "--checkpoint_path", "--device", "--dtype", "--cache_dir")
+    g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base",
+                   help="Hub repo id, Hugging Face-layout directory, or 'tiny' / 'random-0.6B'")
+    g.add_argument("--which_model", default="base", choices=["base", "reasoning"],
+                   help="tokenizer variant: 'reasoning' chat-wraps the prompt and ends at <|im_end|>")
+    g.add_argument("--checkpoint_path", default=None, help="a checkpoint of train.py instead (a .pth file or "
+                   "a run directory): it carries its model and tokenizer")
+    g.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto = bfloat16 on cuda, float32 elsewhere")
+    g.add_argument("--cache_dir", default=None, help="downloads (default $DISTILL_CACHE or "
+                   "~/.cache/reasoning-distill)")
     g.add_argument("--max_new_tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0, help="0 = no limit")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    e = sub["export"]
+    e = sub.add_parser("export", help="write a checkpoint in the Hugging Face layout")
     e.add_argument("checkpoint_path")
     e.add_argument("out_dir")
     return p.parse_args(argv)
@@ -1075,4 +987,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    try:
+        main()
+    except (ValueError, FileNotFoundError, DownloadError) as err:  # bad input: one line, no traceback
+        sys.exit(f"error: {err}")

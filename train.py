@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import checker
+import common
 import data
 import qwen3
 
@@ -42,34 +43,57 @@ PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.float32, torc
 
 
 def parse_args(argv=None, namespace=None):
-    p = qwen3.parser(__doc__)
+    p = common.parser(__doc__)
     a = p.add_argument
-    # the student learns to answer in the chat template, as the reference trains it
-    qwen3.add_flags(p, "--model", "--which_model", which_model=dict(default="reasoning"))
-    qwen3.add_flags(p, "--data_path", "--use_think_tokens", "--max_seq_len", registry=data.DATA_FLAGS)
+    # the reference's flags, with its defaults
+    a("--data_path", default="deepseek-r1-math-train",
+      help=f"teacher JSON/JSONL file or partition: {', '.join(data.PARTITIONS)}")
     a("--dataset_size", type=int, default=None, help="use only the first N rows of the file")
+    a("--validation_size", type=int, default=25, help="held-out examples for the validation loss")
+    a("--epochs", type=int, default=2)
+    a("--log_every", type=int, default=50, help="validation loss and a CSV row every N optimizer steps")
+    a("--lr", type=float, default=5e-6, help="AdamW learning rate (the peak, with a schedule)")
+    a("--max_seq_len", type=int, default=2048, help="drop examples longer than this many tokens")
+    a("--checkpoint_path", default=None, help="initialise the weights from this checkpoint of train.py (a "
+      ".pth file or a run directory; no optimizer state: see --resume)")
+    a("--grad_clip_norm", "--grad_clip", type=float, default=None,
+      help="clip the gradient norm to this value (off by default)")
+    a("--seed", type=int, default=42, help="split, shuffling and random init")
+    a("--use_think_tokens", action="store_true", help="wrap the teacher's reasoning in <think>...</think>")
+    # the student
+    a("--model", default="Qwen/Qwen3-0.6B-Base", help="Hub repo id, Hugging Face-layout directory, or a "
+      "random model ('tiny', 'random-0.6B')")
+    a("--which_model", default="reasoning", choices=["base", "reasoning"], help="tokenizer variant: the "
+      "reference trains the student to answer in the chat template ('reasoning', ending at <|im_end|>)")
+    # which rows
     a("--decontaminate", action="store_true", help="drop the rows whose problem overlaps the evaluation set "
       "(--against); pass it for your own data (default: report them)")
     a("--against", default="math500", help="the evaluation set the data must not overlap: a set by name "
       "(checked once downloaded, as evaluate.py does) or a JSON/JSONL file with a 'problem' per row")
     a("--only_correct", action="store_true", help="rejection sampling: keep only the rows whose "
       "message_content the checker grades right against gtruth_answer (every correct sample of a problem)")
-    a("--validation_size", type=int, default=25, help="held-out examples for the validation loss")
-    a("--epochs", type=int, default=2)
-    a("--lr", type=float, default=5e-6, help="AdamW learning rate (the peak, with a schedule)")
+    # schedule and batches
     a("--lr_schedule", default="constant", choices=["constant", "cosine", "linear"],
       help="after warmup: keep --lr, or decay it to --min_lr at the last step")
     a("--warmup_steps", type=int, default=0, help="raise the learning rate linearly over the first N steps")
     a("--min_lr", type=float, default=0.0, help="where the cosine or linear decay ends")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--grad_clip_norm", "--grad_clip", type=float, default=None,
-      help="clip the gradient norm to this value (off by default)")
     a("--batch_size", type=int, default=1,
       help="examples per micro-batch; 1 = the reference per-example loop")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step (per process)")
     a("--tokens_per_batch", type=int, default=0, help="also cap a micro-batch's padded tokens (0 = no cap)")
     a("--per_example_mean", action="store_true", help="loss = mean of per-example means (the reference's "
       "weighting); default: mean over the step's answer tokens")
+    # precision and speed
+    a("--precision", "--dtype", default="auto", choices=["auto", *PRECISIONS],
+      help="bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update kept); pure-bfloat16: "
+           "everything in bfloat16 as the reference (small updates are rounded away); bfloat16-sr: "
+           "pure-bfloat16's memory, AdamW rounding stochastically (small updates kept on average); float32: "
+           "true float32 matmuls, TF32 off (the exact mode, slow on GPUs); auto = bfloat16 on cuda, float32 "
+           "elsewhere")
+    a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    # a teacher model: soft and on-policy distillation
     a("--teacher", default=None, help="soft distillation from this model: Hub repo id, Hugging Face "
       "directory or checkpoint; it must share the student's tokenizer")
     a("--teacher_logits", default=None, help="soft distillation from a file of the teacher's top-k "
@@ -91,24 +115,15 @@ def parse_args(argv=None, namespace=None):
     a("--rollout_max_new_tokens", type=int, default=2048, help="on-policy: the cap on a student's answer "
       "(keep it above the answers' length: the student must practise finishing)")
     a("--samples_per_prompt", type=int, default=1, help="on-policy: answers the student writes per example")
-    a("--dtype", default="auto", choices=["auto", *PRECISIONS],
-      help="training precision. bfloat16: float32 weights and AdamW state, bfloat16 matmuls (every update "
-           "kept); pure-bfloat16: everything in bfloat16 as the reference (small updates are rounded away); "
-           "bfloat16-sr: pure-bfloat16's memory, AdamW rounding stochastically (small updates kept on "
-           "average); float32: true float32 matmuls, TF32 off (the exact mode, slow on GPUs); auto = "
-           "bfloat16 on cuda, float32 elsewhere")
-    a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass")
-    a("--compile", action="store_true", help="torch.compile each transformer block")
+    # processes and the run
     a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW state "
       "(FSDP2) instead of replicating them (DDP), for students that do not fit")
-    a("--seed", type=int, default=42, help="split, shuffling and random init")
-    a("--log_every", type=int, default=50, help="validation loss and a CSV row every N optimizer steps")
-    qwen3.add_flags(p, "--checkpoint_path", checkpoint_path=dict(
-        help="initialise the weights from this checkpoint (no optimizer state: see --resume)"))
-    a("--resume", default=None, help="continue a run in its own directory (its --out_dir or last.pth); "
-      "with --epochs N, extend it to N epochs")
     a("--out_dir", default="out", help="checkpoints, metrics.csv and args.json")
-    qwen3.add_flags(p, "--device", "--cache_dir")
+    a("--resume", nargs="?", const="", default=None, metavar="OUT_DIR", help="continue the interrupted run "
+      "in --out_dir (or in the directory, or last.pth, given); with --epochs N, extend it to N epochs")
+    a("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    a("--cache_dir", default=None, help="downloads and token cache "
+      "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
     return p.parse_args(argv, namespace)
 
 
@@ -310,10 +325,10 @@ def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, a
     if rollouts:  # on-policy: the student first writes its own answers for its share's chosen examples
         share, stats = rollouts.answer(model, share, epoch, device)
         mine = [e for batch, weight, _ in share if weight for e in batch]  # the step's totals, all processes
-        step_count, step_tokens = qwen3.all_sum([len(mine), sum(map(answer_len, mine))], device)
+        step_count, step_tokens = common.all_sum([len(mine), sum(map(answer_len, mine))], device)
     ce_sum = kd_sum = tokens = 0.0
     for i, (batch, weight, written) in enumerate(share):
-        with _gradient_sync(model, i == len(share) - 1), autocast or nullcontext():
+        with common.gradient_sync(model, i == len(share) - 1), autocast or nullcontext():
             # DDP and FSDP average gradients over processes: scale by world_size to sum them instead
             weights = [w * weight * world_size
                        for w in token_weights(batch, step_count, step_tokens, args.per_example_mean)]
@@ -335,18 +350,6 @@ def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, a
     return ce_sum, kd_sum, tokens, stats
 
 
-@contextmanager
-def _gradient_sync(model, enabled):
-    """DDP and FSDP synchronise gradients in each backward: only in a step's last micro-batch."""
-    if hasattr(model, "no_sync") and not enabled:  # DDP
-        with model.no_sync():
-            yield
-    else:
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(enabled)
-        yield
-
-
 @torch.no_grad()
 def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=None):
     """Mean over validation examples of each example's answer loss (the reference's val loss: cross-entropy
@@ -361,7 +364,7 @@ def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=Non
         with autocast or nullcontext():
             total += answer_loss(model, batch, [weight / answer_len(e) for e in batch], device)[0].double()
     model.train()
-    return qwen3.all_sum([total], device)[0] / len(val)
+    return common.all_sum([total], device)[0] / len(val)
 
 
 def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
@@ -621,12 +624,15 @@ def check_schedule(args, total_steps):
 
 def resume_args(args, argv, world_size, say=print):
     """--resume: the run's own arguments (with the changes allowed) and its resumable state."""
-    path = Path(args.resume) / "last.pth" if Path(args.resume).is_dir() else Path(args.resume)
+    where = Path(args.resume or args.out_dir)  # --resume alone: the run in --out_dir
+    path = where / "last.pth" if where.is_dir() else where
     state = qwen3.read_checkpoint(path, mmap=True)  # every process: read only what it touches
     if "optimizer" not in state:
         raise ValueError(f"{path} holds weights only: resume needs the run's last.pth "
                          "(use --checkpoint_path to start from weights)")
     saved = state["args"]
+    if "dtype" in saved:  # a run started before --precision had its name
+        saved["precision"] = saved.pop("dtype")
     # flags given now override the saved ones; absent flags keep their saved values
     merged = parse_args(argv, namespace=argparse.Namespace(**saved))
     changed = [f"--{k} {saved[k]} -> {getattr(merged, k)}" for k in saved
@@ -634,7 +640,7 @@ def resume_args(args, argv, world_size, say=print):
     if changed:
         raise ValueError(f"--resume continues a run as it was started; these flags would change it: "
                          f"{', '.join(changed)} (start a new run with --checkpoint_path {path} instead)")
-    merged.out_dir = str(path.parent)
+    merged.out_dir, merged.resume = str(path.parent), str(path)
     old_world = state["position"]["world_size"]
     if old_world != world_size:  # keep the examples per optimizer step, so the run stays the same
         if merged.grad_accum * old_world % world_size:
@@ -657,49 +663,6 @@ def check_out_dir(out):
                          "or choose another --out_dir")
     if list(out.glob("*.pth")):
         raise ValueError(f"{out} holds checkpoints: choose another --out_dir")
-
-
-def wrap(model, args, precision, world_size):
-    """The model to train: itself, or under torchrun wrapped for DDP or sharded with FSDP2."""
-    if world_size == 1:
-        return model
-    if args.fsdp:
-        return shard(model, precision)
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model)
-
-
-def shard(model, precision):
-    """FSDP2 over the process group: each block's weights, gradients and AdamW state split between processes.
-    Under the bfloat16 mode: float32 master shards, gathered in bfloat16 for compute, gradients reduced in
-    float32. Unlike autocast, which keeps norms, RoPE and the residual stream in float32, the whole forward
-    then runs in bfloat16: close to one GPU's numbers, not equal."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    _, weights_dtype, compute_dtype = precision
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
-                                  reduce_dtype=torch.float32 if compute_dtype else None)
-    for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
-
-
-def gather_state(model, optimizer, args):
-    """Full weights, and AdamW state unless optimizer is None (under FSDP collected from the shards of every
-    process: call it on all of them)."""
-    if not args.fsdp:  # the model itself, not its DDP wrapper (whose names start with "module.")
-        return getattr(model, "module", model).state_dict(), optimizer and optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            optimizer and get_optimizer_state_dict(model, optimizer, options=options))
-
-
-def load_optimizer_state(model, optimizer, state, args):
-    if not args.fsdp:
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 @dataclass
@@ -770,7 +733,7 @@ def append_csv(path, row):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = qwen3.init_processes(args.device)
+    rank, world_size, device = common.init_processes(args.device)
     master = rank == 0  # the one process that prints, logs and writes files
     say = print if master else (lambda *a, **k: None)
     args, resume_state = resume_args(args, argv, world_size, say) if args.resume else (args, None)
@@ -782,7 +745,7 @@ def main(argv=None):
     if not resume_state:
         check_out_dir(out)
     check_on_policy(args)
-    precision = pick_precision(args.dtype, device, args.fsdp)
+    precision = pick_precision(args.precision, device, args.fsdp)
     mode, weights_dtype, autocast_dtype = precision
     sharded = args.fsdp and world_size > 1  # FSDP casts for compute itself; one process has nothing to shard
     use_autocast = autocast_dtype and not sharded
@@ -808,10 +771,10 @@ def main(argv=None):
     if args.compile:
         model.compile_blocks()
     rollouts = Rollouts(args, tok, model, autocast_dtype or weights_dtype) if args.on_policy else None
-    trained = wrap(model, args, precision, world_size)  # what forward and backward go through
+    trained = common.distribute(model, args.fsdp, autocast_dtype, world_size)  # forward and backward
     optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, mode, args.seed)
     if resume_state:
-        load_optimizer_state(trained, optimizer, resume_state["optimizer"], args)
+        common.load_optimizer_state(trained, optimizer, resume_state["optimizer"])
         torch.set_rng_state(resume_state["rng"])
     steps_per_epoch = len(optimizer_steps(train, args, 1, world_size))
     total_steps = steps_per_epoch * args.epochs
@@ -837,7 +800,7 @@ def main(argv=None):
             (out / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\n")
 
     def save(path, resumable=False, **extra):  # all processes join (FSDP gathers shards); the master writes
-        weights, optimizer_state = gather_state(trained, optimizer if resumable else None, args)
+        weights, optimizer_state = common.gather_state(trained, optimizer if resumable else None)
         if resumable:
             extra.update(optimizer=optimizer_state, position=asdict(pos), rng=torch.get_rng_state())
         if master:
@@ -883,7 +846,7 @@ def main(argv=None):
                     times = ("rollout_s", "teacher_s", "update_s")
                     rollout.update({k: rollout[k] / world_size for k in times}, steps=1 / world_size)
                 # 3. every process learns the step's totals, and whether any of them was asked to stop
-                ce, kd, tokens, stop, *sums = qwen3.all_sum([ce, kd, tokens, len(interrupted),
+                ce, kd, tokens, stop, *sums = common.all_sum([ce, kd, tokens, len(interrupted),
                                                              *rollout.values()], device)
                 rollout = dict(zip(rollout, sums))  # all processes' sums
                 pos.rollout = {k: pos.rollout.get(k, 0.0) + v for k, v in rollout.items()}
@@ -941,9 +904,9 @@ def main(argv=None):
             bar.write(f"saved {path}")
         bar.close()
     say(f"done in {qwen3.format_seconds(time.time() - start)}, peak memory "
-        f"{qwen3.peak_memory_gib(device):.2f} GiB per process; wrote {out / 'metrics.csv'}, checkpoints in "
+        f"{common.peak_memory_gib(device):.2f} GiB per process; wrote {out / 'metrics.csv'}, checkpoints in "
         f"{out} (last: {pos.last_checkpoint})")
 
 
 if __name__ == "__main__":
-    qwen3.run(main)
+    common.run(main)

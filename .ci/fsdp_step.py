@@ -14,13 +14,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
+import common  # noqa: E402
 import qwen3  # noqa: E402
 import train  # noqa: E402
 
 model_name, device = sys.argv[1:3]
 dist.init_process_group("nccl" if device == "cuda" else "gloo")
 precision = train.pick_precision("bfloat16", device, fsdp=True)
-model = train.shard(qwen3.load_model(model_name, device, precision[1]).train(), precision)
+model = common.shard(qwen3.load_model(model_name, device, precision[1]).train(), precision[2])
 optimizer = train.adamw(model.parameters(), device, 1e-5, 0.01, precision[0])
 examples = bench.synthetic_examples(4, 512, model.cfg.vocab_size, seed=0)
 losses = []
@@ -29,7 +30,7 @@ for batch in (examples[:2], examples[2:], examples[:2]):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     losses.append(float(ce))
-weights, state = train.gather_state(model, optimizer, Namespace(fsdp=True))
+weights, state = common.gather_state(model, optimizer)
 print(json.dumps({"losses": losses, "gathered_tensors": len(weights), "optimizer_state": len(state["state"]),
-                  "peak_memory_gib": qwen3.peak_memory_gib(device)}))
+                  "peak_memory_gib": common.peak_memory_gib(device)}))
 dist.destroy_process_group()

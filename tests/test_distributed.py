@@ -119,10 +119,10 @@ def test_bfloat16_sr_over_two_processes_trains_as_one_and_keeps_the_replicas_equ
     # each process rounds its own replica: with the same random stream they stay equal, bit for bit
     script = tmp_path / "replicas.py"
     script.write_text(f"""import sys; sys.path.insert(0, {str(ROOT)!r})
-import argparse, torch, qwen3, train
-rank, world_size, device = qwen3.init_processes("cpu")
+import torch, common, qwen3, train
+rank, world_size, device = common.init_processes("cpu")
 model = qwen3.load_model("tiny", dtype=torch.bfloat16, seed=0).train()
-ddp = train.wrap(model, argparse.Namespace(fsdp=False), None, world_size)
+ddp = common.distribute(model, False, None, world_size)
 optimizer = train.adamw(ddp.parameters(), "cpu", 1e-3, 0.01, "bfloat16-sr", seed=0)
 start = [p.detach().clone() for p in model.parameters()]
 for step in range(3):
@@ -136,8 +136,8 @@ torch.distributed.all_gather(replicas, flat)
 moved = sum((p != s).sum().item() for p, s in zip(model.parameters(), start)) / flat.numel()
 if rank == 0:
     print("replicas equal:", torch.equal(*replicas), "moved:", round(moved, 2), flush=True)
-del ddp  # then leave the group as every script does (qwen3.run)
-qwen3.end_processes()
+del ddp  # then leave the group as every script does (common.run)
+common.end_processes()
 
 """)
     proc = torchrun(str(script), wait=False)

@@ -200,7 +200,7 @@ def test_two_processes_downloading_one_file_into_one_cache(file_server, tmp_path
 PRECISION_PROBE = """
 import contextlib, io, json, re, sys
 sys.path.insert(0, {root!r})
-import qwen3, train
+import common, qwen3, train
 seen = {{}}
 forward, adamw = qwen3.MLP.forward, train.adamw
 def probe(self, x):
@@ -218,9 +218,9 @@ for mode, fsdp in {combinations!r}:
         train.main({argv!r} + ["--out_dir", f"{{sys.argv[1]}}/{{mode}}-{{fsdp}}", "--dtype", mode]
                    + (["--fsdp"] if fsdp else []))
     printed = re.search(r"precision \\S+ \\((\\w+) weights, (\\w+) matmuls\\)", out.getvalue())
-    if train.qwen3.init_processes("cpu", group=False)[0] == 0:
+    if common.init_processes("cpu", group=False)[0] == 0:
         print(json.dumps([mode, fsdp, printed and printed.groups(), seen["weights"], seen["matmuls"]]))
-qwen3.end_processes()
+common.end_processes()
 """
 COMBINATIONS = [(mode, fsdp) for mode in train.PRECISIONS for fsdp in (False, True)
                 if (mode, fsdp) != ("bfloat16-sr", True)]  # refused in one line (tested in test_train)

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +427,36 @@ def test_import_pulls_in_no_optional_packages():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=qwen3.Path(qwen3.__file__).parent
     )
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_the_model_file_alone_is_enough(tmp_path):
+    """A forker copies qwen3.py into an empty directory: it loads the tiny model, generates (the plain and the
+    batched generator agree), saves a checkpoint and reads it back, without requests and without any other
+    file of this project."""
+    import ast
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(qwen3.__file__, tmp_path)
+    code = """
+import sys
+sys.modules["requests"] = None  # as if it were not installed: importing it fails
+import qwen3
+model, tok = qwen3.load_model("tiny", seed=1), qwen3.load_tokenizer("tiny", "base")
+prompt = tok.encode("What is 1 + 2?")
+answer = qwen3.generate(model, [prompt], 8, tok.eos_token_id)[0]
+path = qwen3.save_checkpoint("c.pth", model, tok)
+loaded, tok2, _ = qwen3.load_checkpoint(path)
+same = answer == qwen3.generate_simple(model, prompt, 8, tok.eos_token_id) == \\
+    qwen3.generate(loaded, [tok2.encode("What is 1 + 2?")], 8, tok2.eos_token_id)[0]
+print(len(answer), same)
+"""
+    out = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["8", "True"], out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["__pycache__", "c.pth", "qwen3.py"]
+    imported = {alias.name.split(".")[0] if isinstance(node, ast.Import) else node.module.split(".")[0]
+                for node in ast.walk(ast.parse(Path(qwen3.__file__).read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert imported - sys.stdlib_module_names == {"torch", "tokenizers", "safetensors", "requests"}
+    assert "distributed" not in Path(qwen3.__file__).read_text()
