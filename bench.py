@@ -24,6 +24,7 @@ import torch
 import common
 import data
 import qwen3
+import teacher
 import train
 
 # dense bfloat16 peaks, for MFU
@@ -130,14 +131,13 @@ def bench_train(args, model, device, rank, world_size):
                       scaling_efficiency=per_process / tokens_per_sec, tflops=flops * per_process / 1e12,
                       peak_memory_gib=memory)
     if args.teacher:
-        teacher_args = argparse.Namespace(teacher=args.teacher, teacher_device=None, cache_dir=None,
-                                          kd_temperature=1.0, kd_loss="forward_kl", jsd_beta=0.5)
-        teacher = train.Teacher(teacher_args, qwen3.load_tokenizer(args.model), model.cfg.vocab_size, device)
-        kd_tokens_per_sec, kd_memory, _ = measure(model, teacher)
+        soft = teacher.Teacher(args.teacher, qwen3.load_tokenizer(args.model), model.cfg.vocab_size,
+                               teacher.KD(), device, timed=bool(args.on_policy_tokens))
+        kd_tokens_per_sec, kd_memory, _ = measure(model, soft)
         result.update(kd_tokens_per_sec=kd_tokens_per_sec, kd_time_ratio=tokens_per_sec / kd_tokens_per_sec,
                       kd_peak_memory_gib=kd_memory, kd_extra_memory_gib=kd_memory - memory)
         if args.on_policy_tokens:
-            result.update(bench_on_policy_step(args, model, teacher, examples, device, precision))
+            result.update(bench_on_policy_step(args, model, soft, examples, device, precision))
     if args.compare:  # the reference's loop: one example per step, full logits (train.plain_answer_loss)
         def reference_step(micro_batches):
             (example,) = micro_batches[0]
@@ -152,23 +152,22 @@ def bench_train(args, model, device, rank, world_size):
     return result
 
 
-def bench_on_policy_step(args, model, teacher, examples, device, precision):
-    """One on-policy step (train.forward_backward with train.Rollouts) in its three parts: the student's
+def bench_on_policy_step(args, model, soft, examples, device, precision):
+    """One on-policy step (train.forward_backward with teacher.Rollouts) in its three parts: the student's
     rollout of --on_policy_tokens tokens per prompt (a random model rarely stops early: the cap is what is
     timed), the teacher's scoring, the student's forward and backward. The second of two steps is timed."""
-    step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5, on_policy=1.0,
-                                   rollout_temperature=1.0, rollout_max_new_tokens=args.on_policy_tokens,
-                                   samples_per_prompt=1, seed=args.seed)
+    step_args = argparse.Namespace(per_example_mean=False, kd_weight=0.5)
     autocast = autocast_for(precision, device)
-    compute_dtype = precision[2] or precision[1]
-    rollouts = train.Rollouts(step_args, qwen3.load_tokenizer(args.model), model, compute_dtype)
+    tok = qwen3.load_tokenizer(args.model)
+    rollouts = teacher.Rollouts(model, tok, precision[2] or precision[1], share=1.0,
+                                max_new_tokens=args.on_policy_tokens, seed=args.seed)
     batch = [{**e, "token_ids": torch.as_tensor(e["token_ids"]), "row": i}
              for i, e in enumerate(examples[:args.batch_size])]
     reset_peak_memory(device)
     for _ in range(2):
         sync(device)
         start = time.time()
-        stats = train.forward_backward(model, [batch], step_args, device, autocast=autocast, soft=teacher,
+        stats = train.forward_backward(model, [batch], step_args, device, autocast=autocast, soft=soft,
                                        rollouts=rollouts)[3]
         sync(device)
         seconds = time.time() - start

@@ -26,6 +26,7 @@ import checker
 import common
 import data
 import qwen3
+import teacher
 
 # -----------------------------------------------------------------------------
 # Answering problems, with a local model (evaluation, or a local teacher) or through a server (a
@@ -60,7 +61,7 @@ def make_record(index, sample, row, answer, tok):
     message_content), graded on its final answer (what follows the thinking). Without the student's
     tokenizer (tok None: a server's answers) the token counts of the thinking and the answer and the loop
     check are left out."""
-    thinking, content = data.split_thinking(answer.text)
+    thinking, content = split_thinking(answer.text)
     extracted, correct = checker.grade_output(content, str(row.get("answer")))
     count = lambda text: len(tok.encode(text, chat_wrapped=False))
     ids = answer.ids if answer.ids is not None or tok is None else tok.encode(answer.text, chat_wrapped=False)
@@ -77,6 +78,19 @@ def make_record(index, sample, row, answer, tok):
 
 
 STUDENT_TOKEN_FIELDS = ("thinking_tokens", "content_tokens", "looped")
+
+
+def split_thinking(text):
+    """(thinking, final answer) of a model's text: a <think>...</think> block is the thinking (an unclosed one
+    runs to the end: the answer never came); without one, all of it is the answer."""
+    start = text.find("<think>")
+    if start < 0:
+        end = text.find("</think>")  # chat templates may put <think> in the prompt: only its end shows
+        return (text[:end].strip(), text[end + len("</think>"):].strip()) if end >= 0 else ("", text.strip())
+    end = text.find("</think>", start)
+    if end < 0:
+        return text[start + len("<think>"):].strip(), ""
+    return text[start + len("<think>"):end].strip(), (text[:start] + text[end + len("</think>"):]).strip()
 
 
 def sampling_settings(args):
@@ -143,7 +157,7 @@ def local_answers(args, model, tok, prompts, todo, sampling, budget):
 
 def server_answers(args, server, prompts, todo, sampling):
     """3. A server's answers, --num_workers requests in flight, as they complete: ((i, s), Answer), or
-    ((i, s), error) for a request that failed every try or one that stops the run (data.ServerError)."""
+    ((i, s), error) for a request that failed every try or one that stops the run (teacher.ServerError)."""
     jobs, results, stop = queue.Queue(), queue.Queue(), threading.Event()
     for pair in todo:
         jobs.put(pair)
@@ -158,7 +172,7 @@ def server_answers(args, server, prompts, todo, sampling):
             seed = sampling.stream((i, s)).randrange(2**31)  # the pair's own, as a local model's stream
             try:
                 reply = server.complete(prompts[i], args.max_new_tokens, sampling, seed)
-            except (data.ServerError, data.GaveUp) as error:
+            except (teacher.ServerError, teacher.GaveUp) as error:
                 results.put(((i, s), error))
                 continue
             text = reply.content  # where the server split the thinking off, it goes back in <think>..</think>
@@ -184,9 +198,9 @@ def generate_records(answers, rows, tok, out_file, total, quiet=False):
     bar = qwen3.Progress(total, "generate", unit="answers", quiet=quiet)
     start, records, gave_up, correct, tokens = time.time(), [], [], 0, 0
     for (i, s), answer in answers:
-        if isinstance(answer, data.ServerError):
+        if isinstance(answer, teacher.ServerError):
             raise answer
-        if isinstance(answer, data.GaveUp):
+        if isinstance(answer, teacher.GaveUp):
             gave_up.append(f"problem {i} sample {s}: {answer}")
         else:
             record = make_record(i, s, rows[i], answer, tok)
@@ -212,7 +226,7 @@ def run_generation(args):
     # 1. the model and its tokenizer; or a server, and the student's tokenizer to measure its answers with
     dtype = qwen3.pick_dtype(args.dtype, device)
     if args.api_base:
-        server = data.ChatServer(args.api_base, args.api_model, args.api_key_env, args.timeout, args.tries)
+        server = teacher.ChatServer(args.api_base, args.api_model, args.api_key_env, args.timeout, args.tries)
         try:
             tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
         except (qwen3.DownloadError, FileNotFoundError) as error:  # a server's run can do without it
@@ -283,11 +297,10 @@ def run_generation(args):
             if p != out:
                 p.unlink()
     if args.teacher_json:  # the reference's teacher-file format, to share
-        teacher = [{k: r[k] for k in ("problem", "gtruth_answer", "message_thinking", "message_content")}
-                   for r in records]
-        Path(args.teacher_json).write_text(json.dumps(teacher, indent=1, ensure_ascii=False),
-                                           encoding="utf-8")
-        print(f"wrote {len(teacher)} teacher rows to {args.teacher_json}")
+        shared = [{k: r[k] for k in ("problem", "gtruth_answer", "message_thinking", "message_content")}
+                  for r in records]
+        Path(args.teacher_json).write_text(json.dumps(shared, indent=1, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {len(shared)} teacher rows to {args.teacher_json}")
     # 5. the summary
     summary = finish(args, records, wall, settings, out, complete=not gave_up)
     if gave_up:

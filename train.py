@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import math
-import random
 import re
 import signal
 import time
@@ -30,6 +29,7 @@ import checker
 import common
 import data
 import qwen3
+import teacher
 
 CSV_COLUMNS = ["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s",
                "train_ce", "train_kd", *(f"rollout_{k}" for k in ("len", "cut", "boxed", "kd")), "rollout_s",
@@ -178,11 +178,11 @@ def answer_loss(model, batch, example_weights, device, soft=None, chunk_size=512
     weights = torch.repeat_interleave(torch.tensor(example_weights), mask.sum(1))
     input_ids, answers, targets, weights = (qwen3.to_device(t, device)
                                             for t in (input_ids, answers, targets[mask], weights))
-    teacher = soft.targets(batch, input_ids, answers) if soft else None
+    targets_kd = soft.targets(batch, input_ids, answers) if soft else None
 
     def chunk_loss(logits, rows):  # the per-token terms, float32
         ce = F.cross_entropy(logits, targets[rows], reduction="none")
-        kd = soft.divergence(logits, teacher, rows) if soft else torch.zeros_like(ce)
+        kd = soft.divergence(logits, targets_kd, rows) if soft else torch.zeros_like(ce)
         return torch.stack([(ce * weights[rows]).sum(), (kd * weights[rows]).sum()])
 
     def loss_fn(hidden, head):
@@ -213,83 +213,6 @@ def token_weights(batch, step_count, step_tokens, per_example_mean):
 
 def answer_len(example):
     return len(example["token_ids"]) - example["prompt_len"]
-
-
-def divergence(student, teacher, kind, beta):
-    """Per-row divergence of two distributions given as log-probabilities over the same support."""
-    def kl(log_p, log_q):  # KL(p || q) with 0 log 0 = 0; inputs stay finite, so no NaN reaches a gradient
-        return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
-    lowest = torch.finfo(torch.float32).min
-    s, t = student.clamp(min=lowest), teacher.clamp(min=lowest)
-    if kind == "forward_kl":
-        return kl(t, s)
-    if kind == "reverse_kl":
-        return kl(s, t)
-    mixture = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
-    return beta * kl(t, mixture) + (1 - beta) * kl(s, mixture)
-
-
-class Teacher:
-    """An online teacher: its final hidden states at the answer positions are computed per micro-batch (no
-    gradients, inference dtype), its logits just in time, chunk by chunk, inside the student's loss."""
-
-    def __init__(self, args, student_tok, student_vocab_size, device):
-        teacher_device = args.teacher_device or device
-        self.model, tok = qwen3.load(args.teacher, student_tok.kind, teacher_device,
-                                     qwen3.pick_dtype("auto", teacher_device), args.cache_dir)
-        if tok.vocabulary() != student_tok.vocabulary() or self.model.cfg.vocab_size != student_vocab_size:
-            raise ValueError(f"teacher {args.teacher} has another tokenizer or vocabulary than the student: "
-                             "soft distillation compares them token by token, so both must share one (two "
-                             "Qwen3 models do)")
-        self.device, self.args = teacher_device, args
-        self.head = self.model.lm_head.weight.to(device)  # one copy next to the student's head
-        self.seconds = 0.0  # time in the teacher's forward passes (the on-policy log's teacher_s)
-        self.timed = getattr(args, "on_policy", 0) > 0  # timing a GPU means waiting for it: only for that log
-
-    def targets(self, batch, input_ids, answers):
-        start = time.time()
-        with torch.no_grad():
-            hidden = self.model.hidden_states(input_ids.to(self.device)).flatten(0, 1)
-            hidden = hidden[answers.to(self.device)]
-        hidden = hidden.to(self.head.device)
-        if self.timed and str(self.device).startswith("cuda"):
-            torch.cuda.synchronize(self.device)  # the time, not the time to queue the kernels
-        self.seconds += time.time() - start
-        return hidden
-
-    def divergence(self, logits, hidden, rows):
-        T = self.args.kd_temperature
-        with torch.no_grad():
-            teacher = F.log_softmax((hidden[rows].to(self.head.dtype) @ self.head.t()).float() / T, -1)
-        student = F.log_softmax(logits / T, -1)
-        return divergence(student, teacher, self.args.kd_loss, self.args.jsd_beta) * T * T
-
-
-class TeacherLogits:
-    """An offline teacher: its top-k log-probabilities at every answer position (data.py teacher-logits).
-    Both distributions are compared over k + 1 buckets: the k tokens, and the rest of the vocabulary as one,
-    with the mass the teacher left there. That is exact when k covers the vocabulary; otherwise the KD term
-    only sees which of the k tokens the teacher preferred and how much it left to the rest (a biased, lower
-    estimate of the full divergence)."""
-
-    def __init__(self, args, tokenizer, train_examples, device):
-        self.file = data.read_teacher_logits(args.teacher_logits, args.data_path, tokenizer,
-                                             args.use_think_tokens, args.cache_dir)
-        self.file.check_covers(train_examples)
-        self.args, self.device = args, device
-
-    def targets(self, batch, input_ids, answers):
-        ids, logprobs, rest = zip(*(self.file.example(e["row"]) for e in batch))
-        return [qwen3.to_device(torch.cat(x), self.device) for x in (ids, logprobs, rest)]
-
-    def divergence(self, logits, targets, rows):
-        T = self.args.kd_temperature
-        ids, logprobs, rest = (x[rows] for x in targets)
-        teacher = F.log_softmax(torch.cat([logprobs.float(), rest[:, None].float()], 1) / T, -1)
-        student = F.log_softmax(logits / T, -1)
-        student_rest = torch.logsumexp(student.scatter(1, ids.long(), torch.finfo(torch.float32).min), -1)
-        student = torch.cat([student.gather(1, ids.long()), student_rest[:, None]], 1)
-        return divergence(student, teacher, self.args.kd_loss, self.args.jsd_beta) * T * T
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +246,7 @@ def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, a
     step_count, step_tokens = len(step_examples), sum(map(answer_len, step_examples))
     stats = {}
     if rollouts:  # on-policy: the student first writes its own answers for its share's chosen examples
-        share, stats = rollouts.answer(model, share, epoch, device)
+        share, stats = rollouts.answer(model, share, epoch)
         mine = [e for batch, weight, _ in share if weight for e in batch]  # the step's totals, all processes
         step_count, step_tokens = common.all_sum([len(mine), sum(map(answer_len, mine))], device)
     ce_sum = kd_sum = tokens = 0.0
@@ -471,62 +394,6 @@ def learning_rate(step, total_steps, args):
 # On-policy distillation (GKD, with lambda = --on_policy): for a share of each step's examples the student
 # writes its own answers, and the loss on them is the KD term alone, from the teacher's scores of every token
 # the student wrote; the rest of the step learns from the teacher's text as above.
-
-
-class Rollouts:
-    """The student's answers for the chosen examples of a step: qwen3's batched generator (KV cache, no
-    gradients), sampled from the student's own distribution at --rollout_temperature. Each (epoch, example,
-    sample) draws from its own seeded stream, and whether an example is chosen is its own draw too, so neither
-    depends on the batch size or the number of processes, and a resumed run draws the same."""
-
-    def __init__(self, args, tok, student, dtype):
-        self.args, self.tok = args, tok
-        self.sampling = qwen3.Sampling(temperature=args.rollout_temperature, seed=args.seed)
-        # Token by token, float32 master weights would mean true-float32 matmuls and a float32 KV cache: under
-        # mixed precision the student answers from a copy of itself in the compute dtype (2 bytes a weight,
-        # and the cache takes half), refreshed before each rollout. Compiled blocks would recompile for every
-        # layer and cache layout (past torch.compile's limit): with --compile the copy is not compiled.
-        weights = student.embed_tokens.weight
-        copy = dtype != weights.dtype or getattr(args, "compile", False)
-        self.copy = qwen3.empty_model(student.cfg, weights.device, dtype) if copy else None
-
-    def chosen(self, example, epoch):
-        return random.Random(f"{self.args.seed}/{epoch}/{example['row']}").random() < self.args.on_policy
-
-    def answer(self, model, share, epoch, device):
-        """The share [(batch, weight, written by the student)] with each chosen example of weight 1 replaced
-        by --samples_per_prompt answers of the student's, in micro-batches of their own; and their sums."""
-        samples = range(self.args.samples_per_prompt)
-        chosen = [(e, s) for batch, weight, _ in share if weight for e in batch if self.chosen(e, epoch)
-                  for s in samples]
-        keys = [(epoch, e["row"], s) for e, s in chosen]
-        prompts = [torch.as_tensor(e["token_ids"][:e["prompt_len"]]).tolist() for e, _ in chosen]
-        start = time.time()
-        student = getattr(model, "module", model)  # DDP's module: generating needs no gradient sync
-        if self.copy is not None:
-            with torch.no_grad():
-                for mine, theirs in zip(self.copy.parameters(), student.parameters()):
-                    mine.copy_(theirs)
-        writer = (self.copy or student).eval()
-        answers = qwen3.generate(writer, prompts, self.args.rollout_max_new_tokens, self.tok.eos_token_id,
-                                 sampling=self.sampling, keys=keys) if prompts else []
-        student.train()
-        written = {}  # id of a chosen example -> the student's answers to it
-        for (e, _), prompt, answer in zip(chosen, prompts, answers):
-            ids = torch.tensor(prompt + answer, dtype=torch.int32)
-            answer = {"token_ids": ids, "prompt_len": len(prompt), "row": e["row"]}
-            written.setdefault(id(e), []).append(answer)
-        new = []
-        for batch, weight, _ in share:
-            teacher_text = [e for e in batch if not weight or id(e) not in written]
-            mine = [answer for e in batch if weight and id(e) in written for answer in written[id(e)]]
-            new += [(teacher_text, weight, False)] if teacher_text else []
-            new += [(mine, weight, True)] if mine else []
-        eos = self.tok.eos_token_id
-        stats = {"answers": len(answers), "tokens": sum(map(len, answers)), "kd": 0.0, "kd_per_token": 0.0,
-                 "cut": sum(a[-1] != eos for a in answers), "rollout_s": time.time() - start,
-                 "boxed": sum(checker.has_box(self.tok.decode(a)) for a in answers)}
-        return new, stats
 
 
 def check_on_policy(args):
@@ -760,8 +627,14 @@ def main(argv=None):
         f"{args.model} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tok.kind} "
         f"(eos {tok.eos_token})")
     train, val = load_examples(args, tok, say)
-    soft = Teacher(args, tok, model.cfg.vocab_size, device) if args.teacher else None
-    soft = TeacherLogits(args, tok, train, device) if args.teacher_logits else soft
+    kd, soft = teacher.KD(args.kd_loss, args.kd_temperature, args.jsd_beta), None
+    if args.teacher:  # a model in memory
+        soft = teacher.Teacher(args.teacher, tok, model.cfg.vocab_size, kd, device, args.teacher_device,
+                               args.cache_dir, timed=args.on_policy > 0)
+    elif args.teacher_logits:  # its top-k log-probabilities, written once
+        soft = teacher.read_logits(args.teacher_logits, args.data_path, tok, args.use_think_tokens,
+                                   args.cache_dir, kd, device)
+        soft.check_covers(train)
     if args.checkpoint_path:
         start = qwen3.read_checkpoint(args.checkpoint_path, mmap=True)
         qwen3.load_weights(model, start, args.checkpoint_path)
@@ -770,7 +643,10 @@ def main(argv=None):
     model.grad_checkpointing = args.grad_checkpointing
     if args.compile:
         model.compile_blocks()
-    rollouts = Rollouts(args, tok, model, autocast_dtype or weights_dtype) if args.on_policy else None
+    rollouts = teacher.Rollouts(model, tok, autocast_dtype or weights_dtype, args.on_policy,
+                                args.rollout_temperature, args.rollout_max_new_tokens,
+                                args.samples_per_prompt, args.seed, compiled=args.compile) \
+        if args.on_policy else None
     trained = common.distribute(model, args.fsdp, autocast_dtype, world_size)  # forward and backward
     optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, mode, args.seed)
     if resume_state:

@@ -9,7 +9,6 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

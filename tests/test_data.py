@@ -4,7 +4,6 @@ import time
 from collections import Counter
 
 import pytest
-import torch
 
 import data
 import qwen3
@@ -217,59 +216,6 @@ def test_synth_command_writes_both_files(tmp_path, capsys):
     data.main(["synth", "--out", str(tmp_path / "demo"), "--n_train", "20", "--n_test", "5"])
     assert len(json.loads((tmp_path / "demo" / "train.json").read_text())) == 20
     assert len(data.load_problems(tmp_path / "demo" / "test.json")) == 5
-
-
-def test_teacher_logits_resume_from_finished_parts_and_refuse_other_data(tmp_path, monkeypatch):
-    rows, _ = data.synth_dataset(40, 0, seed=5)
-    (tmp_path / "t.json").write_text(json.dumps(rows))
-    teacher = qwen3.save_checkpoint(tmp_path / "teacher.pth", qwen3.load_model("tiny", seed=3),
-                                    qwen3.load_tokenizer("tiny", "base"))
-    argv = lambda out: [
-        "teacher-logits",
-        "--teacher",
-        str(teacher),
-        "--top_k",
-        "8",
-        "--data_path",
-        str(tmp_path / "t.json"),
-        "--which_model",
-        "base",
-        "--batch_size",
-        "3",
-        "--out",
-        str(out),
-        "--cache_dir",
-        str(tmp_path / "c"),
-    ]
-    monkeypatch.setattr(data, "PART_EXAMPLES", 16)  # three parts: 16 + 16 + 8 examples
-    data.main(argv(tmp_path / "full.pt"))
-    calls, real = [], data.teacher_top_k
-
-    def failing(model, batch, *args, **kwargs):
-        calls.append(len(batch))
-        if len(calls) == 8:  # in the second part
-            raise KeyboardInterrupt
-        return real(model, batch, *args, **kwargs)
-    monkeypatch.setattr(data, "teacher_top_k", failing)
-    with pytest.raises(KeyboardInterrupt):
-        data.main(argv(tmp_path / "cut.pt"))
-    assert [p.name for p in sorted((tmp_path / "cut.pt.parts").iterdir())] == ["00000.pt"]
-    calls.clear()
-    monkeypatch.setattr(data, "teacher_top_k", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    data.main(argv(tmp_path / "cut.pt"))
-    assert sum(calls) == 24 and not (tmp_path / "cut.pt.parts").exists()  # the first part was not redone
-    full, cut = (torch.load(tmp_path / f, weights_only=True) for f in ("full.pt", "cut.pt"))
-    assert full.keys() == cut.keys() and all(
-        torch.equal(full[k], cut[k]) for k in ("rows", "ids", "logprobs")
-    )
-    tok = qwen3.load_tokenizer("tiny", "base")
-    logits = data.read_teacher_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, False)
-    ids, logprobs, rest = logits.example(rows.index(rows[0]))
-    assert ids.shape[1] == 8 and (logprobs[:, :-1] >= logprobs[:, 1:]).all() and (rest.exp() < 1).all()
-    with pytest.raises(ValueError, match="computed for other data, tokenizer or formatting"):
-        data.read_teacher_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, True)  # --use_think_tokens
-    with pytest.raises(ValueError, match="not a teacher-logits file"):
-        data.read_teacher_logits(teacher, tmp_path / "t.json", tok, False)
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import data
 import evaluate
 import qwen3
+import teacher
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +90,6 @@ def test_evaluation_runs_in_the_memory_efficient_kernels_layout(efficient_attent
 
 def test_rollouts_answer_in_the_compute_dtype_from_a_copy_refreshed_each_step(monkeypatch):
     student, tok = varied_model(5), qwen3.load_tokenizer("tiny", "base")
-    args = Namespace(on_policy=1.0, rollout_temperature=1.0, rollout_max_new_tokens=8, samples_per_prompt=1,
-                     seed=3, compile=False)
     batch = [{"token_ids": torch.tensor([5, 6, 7, 8, 9, 10], dtype=torch.int32), "prompt_len": 4, "row": r}
              for r in range(3)]
     caches = []
@@ -102,9 +101,9 @@ def test_rollouts_answer_in_the_compute_dtype_from_a_copy_refreshed_each_step(mo
     monkeypatch.setattr(qwen3, "KVCache", RecordingCache)
 
     def answers(dtype):
-        rollouts = train.Rollouts(args, tok, student, dtype)
+        rollouts = teacher.Rollouts(student, tok, dtype, share=1.0, max_new_tokens=8, seed=3)
         caches.clear()
-        written = rollouts.answer(student, [(batch, 1.0, False)], 1, "cpu")[0]
+        written = rollouts.answer(student, [(batch, 1.0, False)], 1)[0]
         assert set(caches) == {dtype}  # the KV cache is in the compute dtype
         mine = [e["token_ids"][e["prompt_len"]:].tolist() for b, _, own in written if own for e in b]
         return mine, rollouts
@@ -121,7 +120,7 @@ def test_rollouts_answer_in_the_compute_dtype_from_a_copy_refreshed_each_step(mo
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     caches.clear()
-    after = rollouts.answer(student, [(batch, 1.0, False)], 1, "cpu")[0]
+    after = rollouts.answer(student, [(batch, 1.0, False)], 1)[0]
     assert [e["token_ids"][4:].tolist() for b, _, mine in after if mine for e in b] == \
         expected(copy.deepcopy(student).to(torch.bfloat16)) != bf16
 
@@ -292,10 +291,7 @@ def test_a_training_step_never_waits_for_the_device():
     tok = qwen3.load_tokenizer("tiny", "base")
     examples, _ = data.build_examples(data.synth_dataset(6, 0, seed=1)[0], tok, False)
     student = qwen3.load_model("tiny", device="meta").train()
-    teacher_args = Namespace(teacher="tiny", teacher_device=None, cache_dir=None, kd_loss="reverse_kl",
-                             kd_temperature=1.0, jsd_beta=0.5, on_policy=0.0)
-    teacher = train.Teacher(teacher_args, tok, 320, "meta")
-    for soft in (None, teacher):
+    for soft in (None, teacher.Teacher("tiny", tok, 320, teacher.KD("reverse_kl"), "meta")):
         args = Namespace(per_example_mean=False, kd_weight=0.5)
         steps = [examples[:2], examples[2:5]]
         ce, kd, tokens, _ = train.forward_backward(student, steps, args, "meta", soft=soft)

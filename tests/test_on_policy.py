@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import data
 import qwen3
+import teacher
 import train
 
 
@@ -38,9 +39,9 @@ def rows_of(out):
         return list(csv.DictReader(f))
 
 
-def rollout_args(**kw):
-    return Namespace(**{"on_policy": 1.0, "rollout_temperature": 1.0, "rollout_max_new_tokens": 10,
-                        "samples_per_prompt": 2, "seed": 3, **kw})
+def rollouts_of(student, tok, max_new_tokens=10, samples=2):
+    return teacher.Rollouts(student, tok, torch.float32, share=1.0, temperature=1.0,
+                            max_new_tokens=max_new_tokens, samples=samples, seed=3)
 
 
 def examples(setup, n):
@@ -56,11 +57,11 @@ def written(share):
 def test_rollouts_do_not_depend_on_the_batch_size_or_the_processes(setup):
     batch, tok = examples(setup, 8)
     student = qwen3.load_model("tiny", seed=1)
-    rollouts = train.Rollouts(rollout_args(), tok, student, torch.float32)
+    rollouts = rollouts_of(student, tok)
     by_sample = {}
     for size in (1, 4, 8):
         share = [([*batch[i:i + size]], 1.0, False) for i in range(0, 8, size)]
-        new, stats = rollouts.answer(student, share, 1, "cpu")
+        new, stats = rollouts.answer(student, share, 1)
         got = sorted(e["token_ids"].tolist() for b, _, mine in new if mine for e in b)
         by_sample[size] = got
         assert stats["answers"] == 16 and len(got) == 16
@@ -69,26 +70,24 @@ def test_rollouts_do_not_depend_on_the_batch_size_or_the_processes(setup):
     micro_batches = [batch[i:i + 2] for i in range(0, 8, 2)]
     for rank in (0, 1):
         share = [(b, w, False) for b, w in train.rank_share(micro_batches, rank, 2)]
-        two += [e["token_ids"].tolist() for b, _, mine in rollouts.answer(student, share, 1, "cpu")[0]
+        two += [e["token_ids"].tolist() for b, _, mine in rollouts.answer(student, share, 1)[0]
                 if mine for e in b]
     assert sorted(two) == by_sample[1]
-    again = rollouts.answer(student, [(batch, 1.0, False)], 2, "cpu")[0]  # another epoch: other draws
+    again = rollouts.answer(student, [(batch, 1.0, False)], 2)[0]  # another epoch: other draws
     assert sorted(e["token_ids"].tolist() for b, _, mine in again if mine for e in b) != by_sample[1]
 
 
 def test_on_policy_loss_is_the_reverse_kl_over_the_students_own_answer(setup):
     batch, tok = examples(setup, 3)
     student, teacher_model = qwen3.load_model("tiny", seed=1), qwen3.load_model("tiny", seed=5)
-    args = Namespace(teacher=str(setup[1]), teacher_device=None, cache_dir=None, kd_temperature=1.0,
-                     kd_loss="reverse_kl", jsd_beta=0.5, per_example_mean=False, kd_weight=0.5,
-                     **vars(rollout_args(samples_per_prompt=1, rollout_max_new_tokens=16)))
-    teacher = train.Teacher(args, tok, 320, "cpu")
-    rollouts = train.Rollouts(args, tok, student, torch.float32)
-    ce, kd, tokens, stats = train.forward_backward(student, [batch], args, "cpu", soft=teacher,
+    args = Namespace(per_example_mean=False, kd_weight=0.5)
+    soft = teacher.Teacher(str(setup[1]), tok, 320, teacher.KD("reverse_kl"), "cpu")
+    rollouts = rollouts_of(student, tok, max_new_tokens=16, samples=1)
+    ce, kd, tokens, stats = train.forward_backward(student, [batch], args, "cpu", soft=soft,
                                                    rollouts=rollouts)
     grads = [p.grad.clone() for p in student.parameters()]
     # the plain way: full logits over prompt + the student's answer, reverse KL at each answer position
-    answers = [e for b, _, mine in rollouts.answer(student, [(batch, 1.0, False)], 1, "cpu")[0] if mine
+    answers = [e for b, _, mine in rollouts.answer(student, [(batch, 1.0, False)], 1)[0] if mine
                for e in b]
     student.zero_grad()
     total, count = 0.0, sum(train.answer_len(e) for e in answers)
@@ -134,7 +133,8 @@ def test_on_policy_0_trains_as_the_plain_loop_without_rollouts_to_the_bit(setup,
     train.main(argv)
     args, tok = train.parse_args(argv), qwen3.load_tokenizer("tiny", "base")
     model = qwen3.load_model("tiny", seed=args.seed)
-    teacher = train.Teacher(args, tok, 320, "cpu") if soft else None
+    kd = teacher.KD(args.kd_loss, args.kd_temperature, args.jsd_beta)
+    soft_targets = teacher.Teacher(args.teacher, tok, 320, kd, "cpu") if soft else None
     examples, _ = train.load_examples(args, tok, say=lambda *a: None)
     optimizer = train.adamw(model.parameters(), "cpu", args.lr, args.weight_decay)
     steps = train.optimizer_steps(examples, args, 1, 1)
@@ -142,7 +142,7 @@ def test_on_policy_0_trains_as_the_plain_loop_without_rollouts_to_the_bit(setup,
     for step, micro_batches in enumerate(steps):
         tokens = sum(train.answer_len(e) for batch in micro_batches for e in batch)
         for batch in micro_batches:
-            ce, kd = train.answer_loss(model, batch, [1 / tokens] * len(batch), "cpu", teacher)
+            ce, kd = train.answer_loss(model, batch, [1 / tokens] * len(batch), "cpu", soft_targets)
             (0.5 * ce + 0.5 * kd if soft else ce).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Asking a teacher for its answers (evaluate.py generate --api_base): a local OpenAI-compatible server
 (conftest.TeacherServer, on 127.0.0.1) that fails in scripted ways; resume after a kill; the key kept secret;
 rejection sampling (train.py --only_correct)."""
+import csv
 import json
 import os
 import random
@@ -14,10 +15,12 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate
 import qwen3
+import teacher
 import train
 from conftest import TeacherServer
 
@@ -125,23 +128,23 @@ def test_errors_that_retrying_cannot_fix_stop_the_run_with_one_line(tmp_path, mo
 
 
 def test_retry_after_and_backoff(monkeypatch):
-    assert data._retry_after("3") == 3.0 and data._retry_after(None) is None
-    assert data._retry_after("99999") == data.RETRY_AFTER_CAP_S
-    assert 0 <= data._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0  # a date in the past: now
+    assert teacher._retry_after("3") == 3.0 and teacher._retry_after(None) is None
+    assert teacher._retry_after("99999") == teacher.RETRY_AFTER_CAP_S
+    assert 0 <= teacher._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0  # a date in the past: now
     waits = []
-    monkeypatch.setattr(data.time, "sleep", waits.append)
+    monkeypatch.setattr(teacher.time, "sleep", waits.append)
     server = TeacherServer()
     try:
         server.faults["x"] = ["429", "500", "500", "500"]
-        client = data.ChatServer(server.url, "teacher", tries=5)
+        client = teacher.ChatServer(server.url, "teacher", tries=5)
         reply = client.complete(data.render_prompt("x"), 64, qwen3.Sampling())
         assert reply.content == server.text("x", None)[1]
         assert waits[0] == 1.0  # Retry-After: 1
-        caps = [min(data.RETRY_CAP_S, data.RETRY_BASE_S * 2 ** k) for k in range(1, 4)]
+        caps = [min(teacher.RETRY_CAP_S, teacher.RETRY_BASE_S * 2 ** k) for k in range(1, 4)]
         assert len(waits) == 4 and all(0 <= w <= cap for w, cap in zip(waits[1:], caps))  # backoff, jitter
         server.faults["y"] = ["500"] * 3
-        with pytest.raises(data.GaveUp, match="3 tries failed, the last: HTTP 500"):
-            client = data.ChatServer(server.url, "teacher", tries=3)
+        with pytest.raises(teacher.GaveUp, match="3 tries failed, the last: HTTP 500"):
+            client = teacher.ChatServer(server.url, "teacher", tries=3)
             client.complete(data.render_prompt("y"), 64, qwen3.Sampling())
     finally:
         server.close()
@@ -192,10 +195,10 @@ def test_killed_at_a_random_moment_then_resumed_each_answer_exactly_once(tmp_pat
 
 
 def test_split_thinking():
-    assert data.split_thinking("<think>\na\n</think>\n\nb") == ("a", "b")
-    assert data.split_thinking("a</think>b") == ("a", "b")  # the template opened the thought in the prompt
-    assert data.split_thinking("<think>cut off") == ("cut off", "")
-    assert data.split_thinking(" just an answer ") == ("", "just an answer")
+    assert evaluate.split_thinking("<think>\na\n</think>\n\nb") == ("a", "b")
+    assert evaluate.split_thinking("a</think>b") == ("a", "b")  # the template opened it in the prompt
+    assert evaluate.split_thinking("<think>cut off") == ("cut off", "")
+    assert evaluate.split_thinking(" just an answer ") == ("", "just an answer")
 
 
 def test_only_correct_on_the_real_r1_rows(shared_data, capsys):
@@ -271,3 +274,157 @@ def test_a_server_run_without_the_students_tokenizer_writes_records_and_a_summar
     assert summary["complete"] and set(summary["lengths"]) == {"num_tokens"} and "looped_share" not in summary
     assert summary["protocol"]["tokenizer"] is None
     assert "note: no thinking_tokens, content_tokens, looped in the records" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Soft targets: a teacher model in memory, or a file of its top-k log-probabilities
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    rows, _ = data.synth_dataset(60, 0, seed=1, min_terms=3, max_terms=4)
+    (d / "train.json").write_text(json.dumps(rows))
+    return d / "train.json"
+
+
+def example(tok, problem, answer):
+    (e,), _ = data.build_examples([{"problem": problem, "message_content": answer}], tok, False)
+    return e
+
+
+def plain_divergence(student_logits, teacher_logits, kind, T, beta):
+    """KL / JSD written out from the definitions on full softmaxes, in float64."""
+    q, p = torch.softmax(student_logits.double() / T, -1), torch.softmax(teacher_logits.double() / T, -1)
+    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)
+    if kind == "forward_kl":
+        return kl(p, q) * T * T
+    if kind == "reverse_kl":
+        return kl(q, p) * T * T
+    m = beta * p + (1 - beta) * q
+    return (beta * kl(p, m) + (1 - beta) * kl(q, m)) * T * T
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kd_equals_the_full_softmax_definition_in_value_and_gradient(kind, temperature):
+    tok = qwen3.load_tokenizer("tiny", "base")
+    student = qwen3.load_model("tiny", seed=1)
+    soft = teacher.Teacher("tiny", tok, student.cfg.vocab_size, teacher.KD(kind, temperature, 0.3), "cpu")
+    batch = [example(tok, "What is 3 + 4?", "3 + 4 = 7"), example(tok, "2?", "two, as a longer answer")]
+    weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
+    _, kd = train.answer_loss(student, batch, weights, "cpu", soft=soft, chunk_size=5)
+    kd.backward()
+    chunked = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    input_ids, _, mask = data.collate(batch)
+    token_weights = torch.repeat_interleave(torch.tensor(weights), mask.sum(1)).double()
+    with torch.no_grad():
+        teacher_logits = soft.model(input_ids)[mask]
+    expected = (plain_divergence(student(input_ids)[mask], teacher_logits, kind, temperature, 0.3)
+                * token_weights).sum()
+    expected.backward()
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-4) and kd.item() > 1e-3
+    for g, p in zip(chunked, student.parameters()):
+        torch.testing.assert_close(g, p.grad.float(), atol=1e-6, rtol=1e-4)
+
+
+def test_top_k_teacher_logits_equal_the_online_teacher_when_k_covers_the_vocabulary(synth, tmp_path):
+    teacher_model = qwen3.load_model("tiny", seed=9)
+    tok = qwen3.load_tokenizer("tiny", "base")
+    teacher_path = qwen3.save_checkpoint(tmp_path / "teacher.pth", teacher_model, tok)
+    data.main(
+        [
+            "teacher-logits",
+            "--teacher",
+            str(teacher_path),
+            "--top_k",
+            "320",
+            "--data_path",
+            str(synth),
+            "--which_model",
+            "base",
+            "--out",
+            str(tmp_path / "logits.pt"),
+            "--cache_dir",
+            str(tmp_path / "c"),
+        ]
+    )
+    kd = teacher.KD("reverse_kl", 2.0)
+    examples, _, _ = data.prepare_examples(synth, tok, False, tmp_path / "c")
+    online = teacher.Teacher(str(teacher_path), tok, 320, kd, "cpu")
+    offline = teacher.read_logits(tmp_path / "logits.pt", synth, tok, False, kd=kd)
+    offline.check_covers(examples)
+    student = qwen3.load_model("tiny", seed=1)
+    batch = examples[3:6]
+    results = []
+    for soft in (online, offline):
+        student.zero_grad()
+        weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
+        _, kd = train.answer_loss(student, batch, weights, "cpu", soft=soft)
+        kd.backward()
+        results.append((kd.item(), [p.grad.clone() for p in student.parameters()]))
+    (value_on, grads_on), (value_off, grads_off) = results
+    assert value_off == pytest.approx(value_on, rel=2e-3)  # the file keeps log-probabilities in float16
+    for a, b in zip(grads_on, grads_off):
+        assert (a - b).norm() <= 2e-2 * a.norm()
+    # and train.py runs from the file alone
+    train.main(["--model", "tiny", "--which_model", "base", "--data_path", str(synth), "--out_dir",
+                str(tmp_path / "run"), "--validation_size", "6", "--epochs", "1", "--log_every", "4",
+                "--lr", "3e-3", "--teacher_logits", str(tmp_path / "logits.pt"),
+                "--cache_dir", str(tmp_path / "c")])
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        assert all(float(r["train_kd"]) > 0 for r in csv.DictReader(f))
+
+
+def test_teacher_logits_resume_from_finished_parts_and_refuse_other_data(tmp_path, monkeypatch):
+    rows, _ = data.synth_dataset(40, 0, seed=5)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    teacher_path = qwen3.save_checkpoint(tmp_path / "teacher.pth", qwen3.load_model("tiny", seed=3),
+                                         qwen3.load_tokenizer("tiny", "base"))
+    argv = lambda out: [
+        "teacher-logits",
+        "--teacher",
+        str(teacher_path),
+        "--top_k",
+        "8",
+        "--data_path",
+        str(tmp_path / "t.json"),
+        "--which_model",
+        "base",
+        "--batch_size",
+        "3",
+        "--out",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
+    monkeypatch.setattr(teacher, "PART_EXAMPLES", 16)  # three parts: 16 + 16 + 8 examples
+    data.main(argv(tmp_path / "full.pt"))
+    calls, real = [], teacher.top_k
+
+    def failing(model, batch, *args, **kwargs):
+        calls.append(len(batch))
+        if len(calls) == 8:  # in the second part
+            raise KeyboardInterrupt
+        return real(model, batch, *args, **kwargs)
+    monkeypatch.setattr(teacher, "top_k", failing)
+    with pytest.raises(KeyboardInterrupt):
+        data.main(argv(tmp_path / "cut.pt"))
+    assert [p.name for p in sorted((tmp_path / "cut.pt.parts").iterdir())] == ["00000.pt"]
+    calls.clear()
+    monkeypatch.setattr(teacher, "top_k", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    data.main(argv(tmp_path / "cut.pt"))
+    assert sum(calls) == 24 and not (tmp_path / "cut.pt.parts").exists()  # the first part was not redone
+    full, cut = (torch.load(tmp_path / f, weights_only=True) for f in ("full.pt", "cut.pt"))
+    assert full.keys() == cut.keys() and all(
+        torch.equal(full[k], cut[k]) for k in ("rows", "ids", "logprobs")
+    )
+    tok = qwen3.load_tokenizer("tiny", "base")
+    logits = teacher.read_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, False)
+    ids, logprobs, rest = logits.example(rows.index(rows[0]))
+    assert ids.shape[1] == 8 and (logprobs[:, :-1] >= logprobs[:, 1:]).all() and (rest.exp() < 1).all()
+    with pytest.raises(ValueError, match="computed for other data, tokenizer or formatting"):
+        teacher.read_logits(tmp_path / "full.pt", tmp_path / "t.json", tok, True)  # --use_think_tokens
+    with pytest.raises(ValueError, match="not a teacher-logits file"):
+        teacher.read_logits(teacher_path, tmp_path / "t.json", tok, False)

@@ -202,7 +202,7 @@ def test_batched_losses_match_per_example_losses_under_each_weighting():
     counts = [train.answer_len(e) for e in batch]
     assert step_loss(model, [batch], per_example_mean=True) == pytest.approx(sum(singles) / 3, rel=1e-5)
     token_mean = step_loss(model, [batch])
-    assert token_mean == pytest.approx(sum(l * n for l, n in zip(singles, counts)) / sum(counts), rel=1e-5)
+    assert token_mean == pytest.approx(sum(x * n for x, n in zip(singles, counts)) / sum(counts), rel=1e-5)
     assert step_loss(model, [batch[:1], batch[1:]]) == pytest.approx(token_mean, rel=1e-5)  # grad_accum 2
 
 
@@ -386,53 +386,6 @@ def test_bfloat16_sr_keeps_the_updates_that_float32_master_weights_make(real_wid
 # Soft distillation
 
 
-def kd_args(kind="forward_kl", temperature=1.0, teacher="tiny", beta=0.3):
-    return Namespace(
-        teacher=teacher,
-        teacher_device=None,
-        cache_dir=None,
-        kd_loss=kind,
-        kd_temperature=temperature,
-        jsd_beta=beta,
-    )
-
-
-def plain_divergence(student_logits, teacher_logits, kind, T, beta):
-    """KL / JSD written out from the definitions on full softmaxes, in float64."""
-    q, p = torch.softmax(student_logits.double() / T, -1), torch.softmax(teacher_logits.double() / T, -1)
-    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)
-    if kind == "forward_kl":
-        return kl(p, q) * T * T
-    if kind == "reverse_kl":
-        return kl(q, p) * T * T
-    m = beta * p + (1 - beta) * q
-    return (beta * kl(p, m) + (1 - beta) * kl(q, m)) * T * T
-
-
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_chunked_kd_equals_the_full_softmax_definition_in_value_and_gradient(kind, temperature):
-    tok = qwen3.load_tokenizer("tiny", "base")
-    student = qwen3.load_model("tiny", seed=1)
-    teacher = train.Teacher(kd_args(kind, temperature), tok, student.cfg.vocab_size, "cpu")
-    batch = [example(tok, "What is 3 + 4?", "3 + 4 = 7"), example(tok, "2?", "two, as a longer answer")]
-    weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
-    _, kd = train.answer_loss(student, batch, weights, "cpu", soft=teacher, chunk_size=5)
-    kd.backward()
-    chunked = [p.grad.clone() for p in student.parameters()]
-    student.zero_grad()
-    input_ids, _, mask = data.collate(batch)
-    token_weights = torch.repeat_interleave(torch.tensor(weights), mask.sum(1)).double()
-    with torch.no_grad():
-        teacher_logits = teacher.model(input_ids)[mask]
-    expected = (plain_divergence(student(input_ids)[mask], teacher_logits, kind, temperature, 0.3)
-                * token_weights).sum()
-    expected.backward()
-    assert kd.item() == pytest.approx(expected.item(), rel=1e-4) and kd.item() > 1e-3
-    for g, p in zip(chunked, student.parameters()):
-        torch.testing.assert_close(g, p.grad.float(), atol=1e-6, rtol=1e-4)
-
-
 def test_kd_weight_zero_is_hard_distillation_to_the_bit(synth, tmp_path):
     train.main(run_args(synth, tmp_path / "hard", "--epochs", "1", "--batch_size", "4"))
     train.main(run_args(synth, tmp_path / "soft", "--epochs", "1", "--batch_size", "4", "--teacher", "tiny",
@@ -472,65 +425,6 @@ def test_soft_distillation_resumes_exactly_with_accumulation(synth, tmp_path):
         assert float(r["train_loss"]) == pytest.approx(
             0.5 * float(r["train_ce"]) + 0.5 * float(r["train_kd"]), abs=2e-6
         )
-
-
-def test_top_k_teacher_logits_equal_the_online_teacher_when_k_covers_the_vocabulary(synth, tmp_path):
-    teacher_model = qwen3.load_model("tiny", seed=9)
-    tok = qwen3.load_tokenizer("tiny", "base")
-    teacher_path = qwen3.save_checkpoint(tmp_path / "teacher.pth", teacher_model, tok)
-    data.main(
-        [
-            "teacher-logits",
-            "--teacher",
-            str(teacher_path),
-            "--top_k",
-            "320",
-            "--data_path",
-            str(synth),
-            "--which_model",
-            "base",
-            "--out",
-            str(tmp_path / "logits.pt"),
-            "--cache_dir",
-            str(tmp_path / "c"),
-        ]
-    )
-    args = Namespace(
-        **vars(kd_args("reverse_kl", 2.0, str(teacher_path))),
-        teacher_logits=str(tmp_path / "logits.pt"),
-        data_path=str(synth),
-        use_think_tokens=False,
-    )
-    examples, _, _ = data.prepare_examples(synth, tok, False, tmp_path / "c")
-    online = train.Teacher(args, tok, 320, "cpu")
-    offline = train.TeacherLogits(args, tok, examples, "cpu")
-    student = qwen3.load_model("tiny", seed=1)
-    batch = examples[3:6]
-    results = []
-    for soft in (online, offline):
-        student.zero_grad()
-        weights = train.token_weights(batch, len(batch), sum(map(train.answer_len, batch)), False)
-        _, kd = train.answer_loss(student, batch, weights, "cpu", soft=soft)
-        kd.backward()
-        results.append((kd.item(), [p.grad.clone() for p in student.parameters()]))
-    (value_on, grads_on), (value_off, grads_off) = results
-    assert value_off == pytest.approx(value_on, rel=2e-3)  # the file keeps log-probabilities in float16
-    for a, b in zip(grads_on, grads_off):
-        assert (a - b).norm() <= 2e-2 * a.norm()
-    # and train.py runs from the file alone
-    train.main(
-        run_args(
-            synth,
-            tmp_path / "run",
-            "--epochs",
-            "1",
-            "--teacher_logits",
-            str(tmp_path / "logits.pt"),
-            "--cache_dir",
-            str(tmp_path / "c"),
-        )
-    )
-    assert all(float(r["train_kd"]) > 0 for r in read_csv(tmp_path / "run" / "metrics.csv"))
 
 
 def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused(synth, tmp_path):
