@@ -2,9 +2,10 @@
 Distillation: fine-tune Qwen3 on a teacher's reasoning traces, with the loss on the answer tokens only.
 
 Hard distillation (the reference chapter) imitates the teacher's text by cross-entropy. Soft distillation
-(--teacher or --teacher_logits) also pulls the student's next-token probabilities towards the teacher's.
+(--teacher or --teacher_logits) also pulls the student's next-token probabilities towards the teacher's;
+on-policy distillation (--on_policy) does it on answers the student writes itself.
 
-The reference run, DeepSeek-R1 traces into Qwen3 0.6B Base (--dtype pure-bfloat16 for its exact numerics):
+The reference run, DeepSeek-R1 traces into Qwen3 0.6B Base (--precision pure-bfloat16 for its exact numerics):
     python train.py --data_path deepseek-r1-math-train --validation_size 25 --epochs 3 --lr 1e-5 \\
         --max_seq_len 2048 --use_think_tokens --grad_clip 1.0
 The same on 8 GPUs (each optimizer step then takes 8 examples, one per GPU):
@@ -34,12 +35,12 @@ import teacher
 CSV_COLUMNS = ["epoch", "total_steps", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed_s",
                "train_ce", "train_kd", *(f"rollout_{k}" for k in ("len", "cut", "boxed", "kd")), "rollout_s",
                "teacher_s", "update_s"]
-# flags that --resume accepts with a new value: they change where and how fast a run goes, not what it learns
-RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "epochs", "log_every", "cache_dir", "compile",
-                     "grad_checkpointing", "teacher_device"}
 # training precision: (weights and AdamW state dtype, autocast dtype of the matmuls)
 PRECISIONS = {"float32": (torch.float32, None), "bfloat16": (torch.float32, torch.bfloat16),
               "pure-bfloat16": (torch.bfloat16, None), "bfloat16-sr": (torch.bfloat16, None)}
+# flags that --resume accepts with a new value: they change where and how fast a run goes, not what it learns
+RESUME_MAY_CHANGE = {"resume", "out_dir", "device", "epochs", "log_every", "cache_dir", "compile",
+                     "grad_checkpointing", "teacher_device"}
 
 
 def parse_args(argv=None, namespace=None):
@@ -125,6 +126,115 @@ def parse_args(argv=None, namespace=None):
     a("--cache_dir", default=None, help="downloads and token cache "
       "(default $DISTILL_CACHE or ~/.cache/reasoning-distill)")
     return p.parse_args(argv, namespace)
+
+
+# -----------------------------------------------------------------------------
+# The training run: the reference's loop, numbered as there; each extension is one call into a place named
+# after it (teacher.py for soft and on-policy distillation, common.py for processes, precision below)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = common.init_processes(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # the first process prints, logs and writes files
+    args, resumed = resume_args(args, argv, world_size, say) if args.resume is not None else (args, None)
+    run = Run.begin(args, resumed, world_size, rank)
+    if run.epoch > args.epochs:
+        return say(f"{run.out} is complete ({args.epochs} epochs): to train on, pass a larger --epochs")
+    check_on_policy(args)
+    precision = pick_precision(args.precision, device, args.fsdp)
+    _, weights_dtype, autocast_dtype = precision
+    sharded = args.fsdp and world_size > 1  # FSDP casts for compute itself; one process has nothing to shard
+    use_autocast = autocast_dtype and not sharded
+    autocast = torch.autocast(device.split(":")[0], autocast_dtype) if use_autocast else None
+
+    # the student, its tokenizer, the data, and a teacher to learn from besides the traces
+    torch.manual_seed(args.seed)
+    model = qwen3.load_model(args.model, device, weights_dtype, args.cache_dir, args.seed)
+    tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
+    fsdp = " (FSDP)" if sharded else " (--fsdp: one process, nothing to shard)" if args.fsdp else ""
+    say(f"device {device} x {world_size} processes{fsdp}, precision {describe_precision(precision)}, model "
+        f"{args.model} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tok.kind} "
+        f"(eos {tok.eos_token})")
+    train_set, val = load_examples(args, tok, say)
+    soft, rollouts = load_teacher(args, tok, model, train_set, device, autocast_dtype or weights_dtype)
+    start = resumed or args.checkpoint_path and qwen3.read_checkpoint(args.checkpoint_path, mmap=True)
+    if start:
+        qwen3.load_weights(model, start, args.resume or args.checkpoint_path)
+    model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        model.compile_blocks()
+    trained = common.distribute(model, args.fsdp, autocast_dtype, world_size)  # DDP or FSDP under torchrun
+    optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, precision[0], args.seed)
+    if resumed:
+        common.load_optimizer_state(trained, optimizer, resumed["optimizer"])
+        torch.set_rng_state(resumed["rng"])
+    steps_per_epoch = len(optimizer_steps(train_set, args, 1, world_size))
+    total_steps = steps_per_epoch * args.epochs
+    check_schedule(args, total_steps)
+    say(f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps of up to "
+        f"{args.batch_size * args.grad_accum * world_size} examples (batch {args.batch_size} x grad_accum "
+        f"{args.grad_accum} x {world_size} processes), lr {args.lr} {args.lr_schedule}, warmup "
+        f"{args.warmup_steps}" + (f", KD {args.kd_loss} weight {args.kd_weight} T {args.kd_temperature}"
+                                   if soft else "")
+        + (f", on-policy {args.on_policy:g} (temperature {args.rollout_temperature:g}, at most "
+           f"{args.rollout_max_new_tokens} tokens, {args.samples_per_prompt} per prompt)"
+           if rollouts else ""))
+    run.open_files(say)  # only now: a run that fails to start leaves nothing behind
+
+    with deferred_signals() as interrupted:
+        trained.train()
+        bar = qwen3.Progress(total_steps, "train", unit="steps", quiet=rank > 0)
+        bar.update(run.total_steps)
+        run.start_clock()
+        while run.epoch <= args.epochs:
+            steps = optimizer_steps(train_set, args, run.epoch, world_size)
+            for micro_batches in steps[run.step_in_epoch:]:
+                # 1. the learning rate of this step
+                lr = learning_rate(run.total_steps, total_steps, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # 2. the loss and its gradients, over this process's micro-batches (one, in the reference
+                #    loop); on-policy, the student first writes its answers to some of them
+                optimizer.zero_grad(set_to_none=True)
+                ce, kd, tokens, rollout = forward_backward(trained, micro_batches, args, device, rank,
+                                                           world_size, autocast, soft, rollouts, run.epoch)
+                # 3. every process learns the step's sums, and whether any of them was asked to stop
+                ce, kd, tokens, stop, *sums = common.all_sum([ce, kd, tokens, len(interrupted),
+                                                              *rollout.values()], device)
+                rollout = dict(zip(rollout, sums))
+                if not math.isfinite(ce + kd + rollout.get("kd", 0.0)):
+                    raise SystemExit(run.failed(micro_batches))
+                # 4. clip the gradient norm
+                if args.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip_norm)
+                # 5. update the weights
+                optimizer.step()
+                run.add(ce, kd, tokens, rollout)
+                bar.update()
+                # 6. every log_every steps: the validation loss and a CSV row
+                if run.total_steps % args.log_every == 0:
+                    val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
+                    bar.write(run.log(val_loss, lr, total_steps))
+                # 7. Ctrl-C or SIGTERM, to any process: a resumable checkpoint, then stop
+                if stop:
+                    run.save(run.out / "last.pth", trained, optimizer, tok, resumable=True)
+                    bar.write(f"interrupted: saved {run.out / 'last.pth'}; continue with: "
+                              f"python train.py --resume {run.out}")
+                    raise SystemExit(130)
+            # 8. the end of an epoch: validation loss, CSV row, the epoch's checkpoint and a resumable one
+            val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
+            bar.write(run.log(val_loss, learning_rate(run.total_steps - 1, total_steps, args), total_steps,
+                              epoch_end=True))
+            path = run.save(run.out / checkpoint_name(args.model, run.total_steps, run.epoch), trained,
+                            optimizer, tok, epoch=run.epoch, step=run.total_steps, val_loss=val_loss)
+            run.end_epoch(path)
+            run.save(run.out / "last.pth", trained, optimizer, tok, resumable=True)
+            bar.write(f"saved {path}")
+        bar.close()
+    say(f"done in {qwen3.format_seconds(run.clock())}, peak memory {common.peak_memory_gib(device):.2f} GiB "
+        f"per process; wrote {run.out / 'metrics.csv'}, checkpoints in {run.out} "
+        f"(last: {run.last_checkpoint})")
 
 
 # -----------------------------------------------------------------------------
@@ -238,9 +348,10 @@ def rank_share(batches, rank, world_size):
 def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, autocast=None, soft=None,
                      rollouts=None, epoch=1):
     """Loss and gradients of one optimizer step, this process's share of it. Returns this process's part of
-    the step's (cross-entropy, KD) losses on teacher text, the tokens it trained on and, on-policy, the sums
-    of its rollouts (Rollouts.answer); summed over processes, they are the step's (the gradients are summed
-    by DDP)."""
+    the step's (cross-entropy, KD) losses on teacher text and the tokens it trained on, and on-policy the sums
+    of its rollouts (teacher.Rollouts.answer) with the step's time split; summed over processes, they are the
+    step's (the gradients are summed by DDP)."""
+    start = time.time()
     share = [(batch, weight, False) for batch, weight in rank_share(micro_batches, rank, world_size)]
     step_examples = [e for batch in micro_batches for e in batch]
     step_count, step_tokens = len(step_examples), sum(map(answer_len, step_examples))
@@ -268,8 +379,11 @@ def forward_backward(model, micro_batches, args, device, rank=0, world_size=1, a
         else:
             ce_sum, kd_sum = ce_sum + ce / world_size, kd_sum + kd / world_size
         tokens += weight * sum(len(e["token_ids"]) - 1 for e in batch)  # real tokens: padding is not counted
-    if rollouts:
+    if rollouts:  # the step's time in its three parts, and the step itself, as means over the processes
         stats["teacher_s"], soft.seconds = soft.seconds, 0.0
+        stats["update_s"] = time.time() - start - stats["rollout_s"] - stats["teacher_s"]
+        stats.update({k: stats[k] / world_size for k in ("rollout_s", "teacher_s", "update_s")},
+                     steps=1 / world_size)
     return ce_sum, kd_sum, tokens, stats
 
 
@@ -288,6 +402,41 @@ def validation_loss(model, val, args, device, rank=0, world_size=1, autocast=Non
             total += answer_loss(model, batch, [weight / answer_len(e) for e in batch], device)[0].double()
     model.train()
     return common.all_sum([total], device)[0] / len(val)
+
+
+def learning_rate(step, total_steps, args):
+    """The learning rate of optimizer step `step` (from 0): linear warmup, then constant or a decay that
+    reaches --min_lr at the last step."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps - 1)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+    return args.min_lr + (args.lr - args.min_lr) * decay
+
+
+# -----------------------------------------------------------------------------
+# Precision: where the weights live, where the matmuls run (PRECISIONS), and the optimizer that goes with it
+
+
+def pick_precision(name, device, fsdp=False):
+    """(mode, weights dtype, autocast dtype) for --dtype; an error if the device cannot run it."""
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    if "bfloat16" in name and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float32")
+    if name == "bfloat16-sr" and fsdp:
+        raise ValueError("--dtype bfloat16-sr with --fsdp is not supported: its AdamW rounds whole tensors, "
+                         "and FSDP2 hands it shards; use DDP (no --fsdp), or --fsdp with --dtype bfloat16")
+    return (name, *PRECISIONS[name])
+
+
+def describe_precision(precision):
+    """What the precision mode means, as the run prints it: where the weights live, where the matmuls run."""
+    mode, weights_dtype, compute_dtype = precision
+    name = lambda dtype: str(dtype).replace("torch.", "")
+    return f"{mode} ({name(weights_dtype)} weights, {name(compute_dtype or weights_dtype)} matmuls)"
 
 
 def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
@@ -378,63 +527,143 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator"})
 
 
-def learning_rate(step, total_steps, args):
-    """The learning rate of optimizer step `step` (from 0): linear warmup, then constant or a decay that
-    reaches --min_lr at the last step."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps - 1)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
-    return args.min_lr + (args.lr - args.min_lr) * decay
+# -----------------------------------------------------------------------------
+# Run state: where a run is, its running sums, its files
+
+
+@dataclass
+class Run:
+    """Where a run is and its running sums: all that a resumed run needs to go on as if it never stopped
+    (saved in last.pth as its "position"). Besides: the run's arguments and directory, and its clock."""
+    epoch: int = 1
+    step_in_epoch: int = 0
+    total_steps: int = 0
+    elapsed_s: float = 0.0
+    interval_ce: float = 0.0  # sums since the last CSV row
+    interval_kd: float = 0.0
+    interval_steps: int = 0
+    interval_tokens: float = 0.0
+    interval_start_s: float = 0.0  # elapsed_s when the interval began (validation is not counted)
+    epoch_ce: float = 0.0  # sums since the epoch began
+    epoch_kd: float = 0.0
+    epoch_written_kd: float = 0.0  # on-policy: the KD on the student's own answers
+    rollout: dict = field(default_factory=dict)  # on-policy sums since the last CSV row (Rollouts.answer)
+    csv_rows: int = 0
+    last_checkpoint: str = ""
+    world_size: int = 1
+
+    @classmethod
+    def begin(cls, args, resumed, world_size, rank):
+        """A new run, or a resumed one where it stopped; a new one may not take a directory holding a run."""
+        run = cls(**{**(resumed["position"] if resumed else {}), "world_size": world_size})
+        run.args, run.out, run.first, run.resumed = args, Path(args.out_dir), rank == 0, bool(resumed)
+        if not resumed:
+            check_out_dir(run.out)
+        return run
+
+    def open_files(self, say):
+        """args.json, and metrics.csv: its header, or a resumed run's rows up to its checkpoint (the rows
+        after it are about to be logged again)."""
+        if not self.first:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2))
+        if self.resumed:
+            rows = (self.out / "metrics.csv").read_text().splitlines(keepends=True)[:self.csv_rows + 1]
+            (self.out / "metrics.csv").write_text("".join(rows))
+            say(f"resumed from {self.args.resume} at epoch {self.epoch}, step {self.total_steps}")
+        else:
+            (self.out / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\n")
+
+    def start_clock(self):
+        self.started = time.time() - self.elapsed_s  # elapsed_s goes on from where a resumed run stopped
+
+    def clock(self):
+        return time.time() - self.started
+
+    def add(self, ce, kd, tokens, rollout):
+        """One optimizer step's sums over all processes."""
+        self.step_in_epoch, self.total_steps = self.step_in_epoch + 1, self.total_steps + 1
+        self.interval_ce, self.interval_kd = self.interval_ce + ce, self.interval_kd + kd
+        self.epoch_ce, self.epoch_kd = self.epoch_ce + ce, self.epoch_kd + kd
+        self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + tokens
+        self.rollout = {k: self.rollout.get(k, 0.0) + v for k, v in rollout.items()}
+        self.epoch_written_kd += rollout.get("kd", 0.0)
+        self.elapsed_s = self.clock()
+
+    def log(self, val_loss, lr, total_steps, epoch_end=False):
+        """A CSV row, and the line to print: every log_every steps for the steps since the last row, at an
+        epoch's end for the epoch (whose interval goes on into the next one)."""
+        args, soft = self.args, bool(self.args.teacher or self.args.teacher_logits)
+        steps, ce, kd, written_kd = (max(self.step_in_epoch, 1), self.epoch_ce, self.epoch_kd,
+                                     self.epoch_written_kd) if epoch_end else \
+            (self.interval_steps, self.interval_ce, self.interval_kd, self.rollout.get("kd", 0.0))
+        loss = ((1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce) + written_kd
+        tokens_per_sec = self.interval_tokens / max(self.elapsed_s - self.interval_start_s, 1e-9)
+        on_policy = rollout_columns(self.rollout)
+        row = [self.epoch, self.total_steps, f"{loss / steps:.6f}", f"{val_loss:.6f}", f"{lr:.6g}",
+               f"{tokens_per_sec:.0f}", f"{self.elapsed_s:.1f}", f"{ce / steps:.6f}",
+               f"{kd / steps:.6f}" if soft else "", *on_policy]
+        if self.first:
+            with open(self.out / "metrics.csv", "a", newline="") as f:
+                csv.writer(f).writerow(row)
+        self.csv_rows, self.rollout = self.csv_rows + 1, {}
+        if epoch_end:
+            return f"[Epoch {self.epoch}/{args.epochs} done] train_loss {loss / steps:.4f} " \
+                   f"val_loss {val_loss:.4f}"
+        self.interval_ce = self.interval_kd = self.interval_tokens = self.interval_steps = 0
+        self.interval_start_s = self.clock()
+        eta = (total_steps - self.total_steps) * self.elapsed_s / self.total_steps
+        rollouts = (" | rollouts: {} tokens, {} cut, {} boxed, KD/token {} | s/step: rollout {}, teacher {}, "
+                    "student {}").format(*on_policy) if args.on_policy else ""
+        return (f"[Epoch {self.epoch}/{args.epochs} Step {self.total_steps}/{total_steps}] train_loss "
+                f"{loss / steps:.4f} val_loss {val_loss:.4f} | lr {lr:.3g} | {tokens_per_sec:,.0f} tok/s | "
+                f"ETA {qwen3.format_seconds(eta)}{rollouts}")
+
+    def end_epoch(self, checkpoint):
+        self.epoch, self.step_in_epoch, self.epoch_ce, self.epoch_kd = self.epoch + 1, 0, 0.0, 0.0
+        self.epoch_written_kd, self.last_checkpoint = 0.0, str(checkpoint)
+
+    def save(self, path, trained, optimizer, tok, resumable=False, **extra):
+        """A checkpoint of the weights, with resumable=True of all that --resume needs too. All processes call
+        it (FSDP gathers the shards); the first one writes."""
+        weights, optimizer_state = common.gather_state(trained, optimizer if resumable else None)
+        if resumable:
+            extra.update(optimizer=optimizer_state, position=asdict(self), rng=torch.get_rng_state())
+        if self.first:
+            qwen3.save_checkpoint(path, getattr(trained, "module", trained), tok, weights=weights,
+                                  args=vars(self.args), elapsed_s=self.elapsed_s, **extra)
+        return path
+
+    def failed(self, micro_batches):
+        """The one line that stops a run at a non-finite loss, before anything is saved."""
+        rows = [e["row"] for b in micro_batches for e in b]
+        last = f"Last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else \
+            "No checkpoint was written: fix the cause and start again."
+        return (f"error: non-finite loss at step {self.total_steps + 1} (epoch {self.epoch}), data rows "
+                f"{rows}; stopped without saving. {last}")
+
+
+def checkpoint_name(model_name, step, epoch):
+    size = "tiny" if model_name == "tiny" else \
+        (re.findall(r"Qwen3-([\d.]+B)", str(model_name)) or ["model"])[0]
+    return f"qwen3-{size}-distill-step{step:05d}-epoch{epoch}.pth"
+
+
+def rollout_columns(sums):
+    """The on-policy columns of a CSV row from the sums since the last one: the answers' mean length, the
+    shares cut at the cap and with a box, the KD per token of the student's text, and the seconds per step
+    in the rollout, the teacher's scoring and the student's forward and backward."""
+    if not sums:
+        return [""] * 7
+    n = max(sums["answers"], 1)
+    return [f"{sums['tokens'] / n:.1f}", f"{sums['cut'] / n:.4f}", f"{sums['boxed'] / n:.4f}",
+            f"{sums['kd_per_token'] / max(sums['tokens'], 1):.6f}",
+            *(f"{sums[k] / sums['steps']:.3f}" for k in ("rollout_s", "teacher_s", "update_s"))]
 
 
 # -----------------------------------------------------------------------------
-# On-policy distillation (GKD, with lambda = --on_policy): for a share of each step's examples the student
-# writes its own answers, and the loss on them is the KD term alone, from the teacher's scores of every token
-# the student wrote; the rest of the step learns from the teacher's text as above.
-
-
-def check_on_policy(args):
-    if not 0 <= args.on_policy <= 1:
-        raise ValueError(f"--on_policy is a share of each step's examples, in [0, 1]; got {args.on_policy}")
-    if not args.on_policy:
-        return
-    if args.teacher_logits:
-        raise ValueError("--on_policy needs an online --teacher: a --teacher_logits file holds the teacher's "
-                         "scores of its own text only, and cannot score the student's new answers")
-    if not args.teacher:
-        raise ValueError("--on_policy needs a --teacher to score the student's answers")
-    if args.fsdp:
-        raise ValueError("--on_policy with --fsdp is not supported: generating token by token, FSDP would "
-                         "gather every weight for every token on all processes in lockstep; use DDP (no "
-                         "--fsdp)")
-    if args.samples_per_prompt < 1 or args.rollout_max_new_tokens < 1:
-        raise ValueError("--samples_per_prompt and --rollout_max_new_tokens must be >= 1")
-
-
-# -----------------------------------------------------------------------------
-# Setting a run up: precision, data, model, processes, resume
-
-
-def pick_precision(name, device, fsdp=False):
-    """(mode, weights dtype, autocast dtype) for --dtype; an error if the device cannot run it."""
-    if name == "auto":
-        name = "bfloat16" if device.startswith("cuda") else "float32"
-    if "bfloat16" in name and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float32")
-    if name == "bfloat16-sr" and fsdp:
-        raise ValueError("--dtype bfloat16-sr with --fsdp is not supported: its AdamW rounds whole tensors, "
-                         "and FSDP2 hands it shards; use DDP (no --fsdp), or --fsdp with --dtype bfloat16")
-    return (name, *PRECISIONS[name])
-
-
-def describe_precision(precision):
-    """What the precision mode means, as the run prints it: where the weights live, where the matmuls run."""
-    mode, weights_dtype, compute_dtype = precision
-    name = lambda dtype: str(dtype).replace("torch.", "")
-    return f"{mode} ({name(weights_dtype)} weights, {name(compute_dtype or weights_dtype)} matmuls)"
+# Setting a run up: data, teacher, checks, resume
 
 
 def load_examples(args, tok, say=print):
@@ -489,6 +718,42 @@ def check_schedule(args, total_steps):
         raise ValueError(f"--jsd_beta must be in (0, 1), got {args.jsd_beta}")
 
 
+def load_teacher(args, tok, student, train_set, device, compute_dtype):
+    """(soft targets, rollouts) of a run with a teacher besides the traces, from teacher.py: a model in memory
+    (--teacher) or a file of its top-k log-probabilities (--teacher_logits); with --on_policy the rollouts
+    of the student it scores. (None, None) without one."""
+    kd, soft = teacher.KD(args.kd_loss, args.kd_temperature, args.jsd_beta), None
+    if args.teacher:
+        soft = teacher.Teacher(args.teacher, tok, student.cfg.vocab_size, kd, device, args.teacher_device,
+                               args.cache_dir, timed=args.on_policy > 0)
+    elif args.teacher_logits:
+        soft = teacher.read_logits(args.teacher_logits, args.data_path, tok, args.use_think_tokens,
+                                   args.cache_dir, kd, device)
+        soft.check_covers(train_set)
+    rollouts = teacher.Rollouts(student, tok, compute_dtype, args.on_policy, args.rollout_temperature,
+                                args.rollout_max_new_tokens, args.samples_per_prompt, args.seed,
+                                compiled=args.compile) if args.on_policy else None
+    return soft, rollouts
+
+
+def check_on_policy(args):
+    if not 0 <= args.on_policy <= 1:
+        raise ValueError(f"--on_policy is a share of each step's examples, in [0, 1]; got {args.on_policy}")
+    if not args.on_policy:
+        return
+    if args.teacher_logits:
+        raise ValueError("--on_policy needs an online --teacher: a --teacher_logits file holds the teacher's "
+                         "scores of its own text only, and cannot score the student's new answers")
+    if not args.teacher:
+        raise ValueError("--on_policy needs a --teacher to score the student's answers")
+    if args.fsdp:
+        raise ValueError("--on_policy with --fsdp is not supported: generating token by token, FSDP would "
+                         "gather every weight for every token on all processes in lockstep; use DDP (no "
+                         "--fsdp)")
+    if args.samples_per_prompt < 1 or args.rollout_max_new_tokens < 1:
+        raise ValueError("--samples_per_prompt and --rollout_max_new_tokens must be >= 1")
+
+
 def resume_args(args, argv, world_size, say=print):
     """--resume: the run's own arguments (with the changes allowed) and its resumable state."""
     where = Path(args.resume or args.out_dir)  # --resume alone: the run in --out_dir
@@ -532,33 +797,6 @@ def check_out_dir(out):
         raise ValueError(f"{out} holds checkpoints: choose another --out_dir")
 
 
-@dataclass
-class Position:
-    """Where a run is and its running sums: what a resumed run needs to continue as if it never stopped."""
-    epoch: int = 1
-    step_in_epoch: int = 0
-    total_steps: int = 0
-    elapsed_s: float = 0.0
-    interval_ce: float = 0.0  # sums since the last CSV row
-    interval_kd: float = 0.0
-    interval_steps: int = 0
-    interval_tokens: float = 0.0
-    interval_start_s: float = 0.0  # elapsed_s when the interval began (validation is not counted)
-    epoch_ce: float = 0.0  # sums since the epoch began
-    epoch_kd: float = 0.0
-    epoch_written_kd: float = 0.0  # on-policy: the KD on the student's own answers
-    rollout: dict = field(default_factory=dict)  # on-policy sums since the last CSV row (Rollouts.answer)
-    csv_rows: int = 0
-    last_checkpoint: str = ""
-    world_size: int = 1
-
-
-def checkpoint_name(model_name, step, epoch):
-    size = "tiny" if model_name == "tiny" else \
-        (re.findall(r"Qwen3-([\d.]+B)", str(model_name)) or ["model"])[0]
-    return f"qwen3-{size}-distill-step{step:05d}-epoch{epoch}.pth"
-
-
 @contextmanager
 def deferred_signals():
     """Ctrl-C (SIGINT) and SIGTERM only raise a flag, checked after each step so that a resumable checkpoint
@@ -575,213 +813,6 @@ def deferred_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def rollout_columns(sums):
-    """The on-policy columns of a CSV row from the sums since the last one: the answers' mean length, the
-    shares cut at the cap and with a box, the KD per token of the student's text, and the seconds per step
-    in the rollout, the teacher's scoring and the student's forward and backward."""
-    if not sums:
-        return [""] * 7
-    n = max(sums["answers"], 1)
-    return [f"{sums['tokens'] / n:.1f}", f"{sums['cut'] / n:.4f}", f"{sums['boxed'] / n:.4f}",
-            f"{sums['kd_per_token'] / max(sums['tokens'], 1):.6f}",
-            *(f"{sums[k] / sums['steps']:.3f}" for k in ("rollout_s", "teacher_s", "update_s"))]
-
-
-def append_csv(path, row):
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow(row)
-
-
-# -----------------------------------------------------------------------------
-# The training run
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world_size, device = common.init_processes(args.device)
-    master = rank == 0  # the one process that prints, logs and writes files
-    say = print if master else (lambda *a, **k: None)
-    args, resume_state = resume_args(args, argv, world_size, say) if args.resume else (args, None)
-    out = Path(args.out_dir)
-    pos = Position(**{**resume_state["position"], "world_size": world_size}) if resume_state else \
-        Position(world_size=world_size)
-    if pos.epoch > args.epochs:
-        return say(f"{out} is complete ({args.epochs} epochs): to train on, pass a larger --epochs")
-    if not resume_state:
-        check_out_dir(out)
-    check_on_policy(args)
-    precision = pick_precision(args.precision, device, args.fsdp)
-    mode, weights_dtype, autocast_dtype = precision
-    sharded = args.fsdp and world_size > 1  # FSDP casts for compute itself; one process has nothing to shard
-    use_autocast = autocast_dtype and not sharded
-    autocast = torch.autocast(device.split(":")[0], autocast_dtype) if use_autocast else None
-
-    # the student, its tokenizer, the data and the teacher
-    torch.manual_seed(args.seed)
-    model = qwen3.load_model(args.model, device, weights_dtype, args.cache_dir, args.seed)
-    tok = qwen3.load_tokenizer(args.model, args.which_model, args.cache_dir)
-    fsdp = " (FSDP)" if sharded else " (--fsdp: one process, nothing to shard)" if args.fsdp else ""
-    say(f"device {device} x {world_size} processes{fsdp}, precision {describe_precision(precision)}, model "
-        f"{args.model} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tok.kind} "
-        f"(eos {tok.eos_token})")
-    train, val = load_examples(args, tok, say)
-    kd, soft = teacher.KD(args.kd_loss, args.kd_temperature, args.jsd_beta), None
-    if args.teacher:  # a model in memory
-        soft = teacher.Teacher(args.teacher, tok, model.cfg.vocab_size, kd, device, args.teacher_device,
-                               args.cache_dir, timed=args.on_policy > 0)
-    elif args.teacher_logits:  # its top-k log-probabilities, written once
-        soft = teacher.read_logits(args.teacher_logits, args.data_path, tok, args.use_think_tokens,
-                                   args.cache_dir, kd, device)
-        soft.check_covers(train)
-    if args.checkpoint_path:
-        start = qwen3.read_checkpoint(args.checkpoint_path, mmap=True)
-        qwen3.load_weights(model, start, args.checkpoint_path)
-    if resume_state:
-        qwen3.load_weights(model, resume_state, args.resume)
-    model.grad_checkpointing = args.grad_checkpointing
-    if args.compile:
-        model.compile_blocks()
-    rollouts = teacher.Rollouts(model, tok, autocast_dtype or weights_dtype, args.on_policy,
-                                args.rollout_temperature, args.rollout_max_new_tokens,
-                                args.samples_per_prompt, args.seed, compiled=args.compile) \
-        if args.on_policy else None
-    trained = common.distribute(model, args.fsdp, autocast_dtype, world_size)  # forward and backward
-    optimizer = adamw(trained.parameters(), device, args.lr, args.weight_decay, mode, args.seed)
-    if resume_state:
-        common.load_optimizer_state(trained, optimizer, resume_state["optimizer"])
-        torch.set_rng_state(resume_state["rng"])
-    steps_per_epoch = len(optimizer_steps(train, args, 1, world_size))
-    total_steps = steps_per_epoch * args.epochs
-    check_schedule(args, total_steps)
-    examples_per_step = args.batch_size * args.grad_accum * world_size
-    say(f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps of up to "
-        f"{examples_per_step} examples (batch {args.batch_size} x grad_accum {args.grad_accum} x "
-        f"{world_size} processes), lr {args.lr} {args.lr_schedule}, warmup {args.warmup_steps}"
-        + (f", KD {args.kd_loss} weight {args.kd_weight} T {args.kd_temperature}" if soft else "")
-        + (f", on-policy {args.on_policy:g} (temperature {args.rollout_temperature:g}, at most "
-           f"{args.rollout_max_new_tokens} tokens, {args.samples_per_prompt} per prompt)"
-           if rollouts else ""))
-
-    # the run's files: created only now, so that a run that fails to start leaves nothing to trip over
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-        if resume_state:  # drop the rows logged after the checkpoint: they are about to be logged again
-            rows = (out / "metrics.csv").read_text().splitlines(keepends=True)[:pos.csv_rows + 1]
-            (out / "metrics.csv").write_text("".join(rows))
-            say(f"resumed from {args.resume} at epoch {pos.epoch}, step {pos.total_steps}")
-        else:
-            (out / "metrics.csv").write_text(",".join(CSV_COLUMNS) + "\n")
-
-    def save(path, resumable=False, **extra):  # all processes join (FSDP gathers shards); the master writes
-        weights, optimizer_state = common.gather_state(trained, optimizer if resumable else None)
-        if resumable:
-            extra.update(optimizer=optimizer_state, position=asdict(pos), rng=torch.get_rng_state())
-        if master:
-            qwen3.save_checkpoint(path, model, tok, weights=weights, args=vars(args), elapsed_s=pos.elapsed_s,
-                                  **extra)
-        return path
-
-    def log(epoch, steps, ce, kd, written_kd, val_loss, tokens_per_sec):
-        loss = ((1 - args.kd_weight) * ce + args.kd_weight * kd if soft else ce) + written_kd
-        lr = learning_rate(pos.total_steps - 1, total_steps, args)
-        on_policy = rollout_columns(pos.rollout)
-        row = [epoch, pos.total_steps, f"{loss / steps:.6f}", f"{val_loss:.6f}", f"{lr:.6g}",
-               f"{tokens_per_sec:.0f}", f"{pos.elapsed_s:.1f}", f"{ce / steps:.6f}",
-               f"{kd / steps:.6f}" if soft else "", *on_policy]
-        if master:
-            append_csv(out / "metrics.csv", row)
-        pos.csv_rows += 1
-        pos.rollout = {}
-        shown = (" | rollouts: {} tokens, {} cut, {} boxed, KD/token {} | s/step: rollout {}, teacher {}, "
-                 "student {}")
-        return loss / steps, shown.format(*on_policy) if rollouts else ""
-
-    with deferred_signals() as interrupted:
-        trained.train()
-        bar = qwen3.Progress(total_steps, "train", unit="steps", quiet=not master)
-        bar.update(pos.total_steps)
-        start = time.time() - pos.elapsed_s  # elapsed_s goes on from where a resumed run stopped
-        while pos.epoch <= args.epochs:
-            epoch, steps = pos.epoch, optimizer_steps(train, args, pos.epoch, world_size)
-            for micro_batches in steps[pos.step_in_epoch:]:
-                # 1. the learning rate of this step
-                lr = learning_rate(pos.total_steps, total_steps, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # 2. loss and gradients over the step's micro-batches (gradient accumulation, all processes)
-                #    (on-policy: first the student answers the step's chosen prompts, the teacher scores them)
-                step_start = time.time()
-                ce, kd, tokens, rollout = forward_backward(trained, micro_batches, args, device, rank,
-                                                           world_size, autocast, soft, rollouts, epoch)
-                if rollouts:  # the time split, and the step, as a mean over the processes once summed
-                    rollout["update_s"] = (time.time() - step_start - rollout["rollout_s"]
-                                           - rollout["teacher_s"])
-                    times = ("rollout_s", "teacher_s", "update_s")
-                    rollout.update({k: rollout[k] / world_size for k in times}, steps=1 / world_size)
-                # 3. every process learns the step's totals, and whether any of them was asked to stop
-                ce, kd, tokens, stop, *sums = common.all_sum([ce, kd, tokens, len(interrupted),
-                                                             *rollout.values()], device)
-                rollout = dict(zip(rollout, sums))  # all processes' sums
-                pos.rollout = {k: pos.rollout.get(k, 0.0) + v for k, v in rollout.items()}
-                pos.epoch_written_kd += rollout.get("kd", 0.0)
-                if not math.isfinite(ce + kd + rollout.get("kd", 0.0)):
-                    raise SystemExit(
-                        f"error: non-finite loss at step {pos.total_steps + 1} (epoch {epoch}), data rows "
-                        f"{[e['row'] for b in micro_batches for e in b]}; stopped without saving. "
-                        + (f"Last good checkpoint: {pos.last_checkpoint}" if pos.last_checkpoint
-                           else "No checkpoint was written: fix the cause and start again."))
-                # 4. clip the gradient norm
-                if args.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip_norm)
-                # 5. update the weights, then clear the gradients
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                # the running sums of the log live in pos, so that a resumed run continues them
-                pos.step_in_epoch, pos.total_steps = pos.step_in_epoch + 1, pos.total_steps + 1
-                pos.interval_ce, pos.interval_kd = pos.interval_ce + ce, pos.interval_kd + kd
-                pos.epoch_ce, pos.epoch_kd = pos.epoch_ce + ce, pos.epoch_kd + kd
-                pos.interval_steps, pos.interval_tokens = pos.interval_steps + 1, pos.interval_tokens + tokens
-                pos.elapsed_s = time.time() - start
-                bar.update()
-                # 6. every log_every steps: the validation loss and a CSV row
-                if pos.total_steps % args.log_every == 0:
-                    val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
-                    tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
-                    train_loss, on_policy = log(epoch, pos.interval_steps, pos.interval_ce, pos.interval_kd,
-                                                pos.rollout.get("kd", 0.0), val_loss, tokens_per_sec)
-                    eta = (total_steps - pos.total_steps) * pos.elapsed_s / pos.total_steps
-                    bar.write(f"[Epoch {epoch}/{args.epochs} Step {pos.total_steps}/{total_steps}] "
-                              f"train_loss {train_loss:.4f} val_loss {val_loss:.4f} | lr {lr:.3g} | "
-                              f"{tokens_per_sec:,.0f} tok/s | ETA {qwen3.format_seconds(eta)}{on_policy}")
-                    pos.interval_ce = pos.interval_kd = pos.interval_tokens = pos.interval_steps = 0
-                    pos.interval_start_s = time.time() - start
-                # 7. Ctrl-C or SIGTERM, to any process: a resumable checkpoint, then stop
-                if stop:
-                    save(out / "last.pth", resumable=True)
-                    bar.write(f"interrupted: saved {out / 'last.pth'}; continue with: "
-                              f"python train.py --resume {out}")
-                    raise SystemExit(130)
-            # 8. the end of an epoch: validation loss, CSV row, the epoch's checkpoint and a resumable one
-            val_loss = validation_loss(trained, val, args, device, rank, world_size, autocast)
-            tokens_per_sec = pos.interval_tokens / max(pos.elapsed_s - pos.interval_start_s, 1e-9)
-            train_loss, _ = log(epoch, max(len(steps), 1), pos.epoch_ce, pos.epoch_kd, pos.epoch_written_kd,
-                                val_loss, tokens_per_sec)
-            bar.write(f"[Epoch {epoch}/{args.epochs} done] train_loss {train_loss:.4f} "
-                      f"val_loss {val_loss:.4f}")
-            path = save(out / checkpoint_name(args.model, pos.total_steps, epoch), epoch=epoch,
-                        step=pos.total_steps, val_loss=val_loss)
-            pos.epoch, pos.step_in_epoch, pos.epoch_ce, pos.epoch_kd = epoch + 1, 0, 0.0, 0.0
-            pos.epoch_written_kd = 0.0
-            pos.last_checkpoint = str(path)
-            save(out / "last.pth", resumable=True)
-            bar.write(f"saved {path}")
-        bar.close()
-    say(f"done in {qwen3.format_seconds(time.time() - start)}, peak memory "
-        f"{common.peak_memory_gib(device):.2f} GiB per process; wrote {out / 'metrics.csv'}, checkpoints in "
-        f"{out} (last: {pos.last_checkpoint})")
 
 
 if __name__ == "__main__":
