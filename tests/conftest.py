@@ -226,3 +226,34 @@ def teacher_server():
     server = TeacherServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A small teacher file of the synthetic task (sums of 3 or 4 numbers with their traces)."""
+    import data
+    d = tmp_path_factory.mktemp("synth")
+    rows, _ = data.synth_dataset(60, 0, seed=1, min_terms=3, max_terms=4)
+    (d / "train.json").write_text(json.dumps(rows))
+    return d / "train.json"
+
+
+def example(tok, problem, answer):
+    """The training example of one teacher row (no thinking)."""
+    import data
+    (e,), _ = data.build_examples([{"problem": problem, "message_content": answer}], tok, False)
+    return e
+
+
+def varied_model(seed, dtype=None):
+    """A tiny model with large random weights: its greedy answers vary from token to token (N(0, 0.02) would
+    repeat one)."""
+    import qwen3
+    import torch
+    model = qwen3.load_model("tiny", dtype=dtype or torch.float32, seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model

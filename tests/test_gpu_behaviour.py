@@ -21,20 +21,10 @@ import evaluate
 import qwen3
 import teacher
 import train
+from conftest import varied_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def varied_model(seed, dtype=torch.float32):
-    """A tiny model with large random weights: its greedy answers vary from token to token."""
-    model = qwen3.load_model("tiny", dtype=dtype, seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 # -----------------------------------------------------------------------------

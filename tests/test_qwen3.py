@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import data
 import qwen3
+from conftest import varied_model
 
 CONFIGS = [  # GQA ratios, tied and untied heads, head_dim != hidden / heads
     dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -166,18 +167,6 @@ def test_kv_cache_logits_equal_full_forward(config):
         cache.locate(torch.tensor([[t]]), t + 1)
         parts.append(model(ids[:, t:t + 1], cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
-
-
-def varied_model(seed):
-    """A tiny model with large random weights: its greedy answers vary from token to token (N(0, 0.02) would
-    repeat one)."""
-    model = qwen3.load_model("tiny", seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return model
 
 
 def stop_at(answers, eos):

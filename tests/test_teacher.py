@@ -22,7 +22,7 @@ import evaluate
 import qwen3
 import teacher
 import train
-from conftest import TeacherServer
+from conftest import TeacherServer, example
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-5ecret-KEY-0123456789"
@@ -278,19 +278,6 @@ def test_a_server_run_without_the_students_tokenizer_writes_records_and_a_summar
 
 # -----------------------------------------------------------------------------
 # Soft targets: a teacher model in memory, or a file of its top-k log-probabilities
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    rows, _ = data.synth_dataset(60, 0, seed=1, min_terms=3, max_terms=4)
-    (d / "train.json").write_text(json.dumps(rows))
-    return d / "train.json"
-
-
-def example(tok, problem, answer):
-    (e,), _ = data.build_examples([{"problem": problem, "message_content": answer}], tok, False)
-    return e
 
 
 def plain_divergence(student_logits, teacher_logits, kind, T, beta):

@@ -15,16 +15,9 @@ import torch
 import data
 import qwen3
 import train
+from conftest import example
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    rows, _ = data.synth_dataset(60, 0, seed=1, min_terms=3, max_terms=4)
-    (d / "train.json").write_text(json.dumps(rows))
-    return d / "train.json"
 
 
 def run_args(synth, out_dir, *extra):
@@ -181,11 +174,6 @@ def test_answer_loss_equals_hand_computation():
     expected = -sum(log_probs[t - 1, ids[t]] for t in answer_positions) / len(answer_positions)
     ce, kd = train.answer_loss(model, [e], [1.0 / train.answer_len(e)], "cpu")
     assert ce.item() == pytest.approx(expected.item(), rel=1e-5) and kd.item() == 0
-
-
-def example(tok, problem, answer):
-    (e,), _ = data.build_examples([{"problem": problem, "message_content": answer}], tok, False)
-    return e
 
 
 def step_loss(model, micro_batches, per_example_mean=False):
