@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+RESULTS = (ROOT / "RESULTS.md").read_text()  # the measurements' commands must parse too
 
 
 def script_argv(line):
@@ -31,7 +32,7 @@ def test_readme_has_the_commands():
     assert {"data.py", "train.py", "evaluate.py", "plot.py", "qwen3.py", "bench.py"} <= scripts
 
 
-@pytest.mark.parametrize("command", commands())
+@pytest.mark.parametrize("command", commands() + commands(RESULTS))
 def test_readme_command_parses(command):
     argv = script_argv(command)
     module = importlib.import_module(argv[0].removesuffix(".py"))
@@ -39,7 +40,7 @@ def test_readme_command_parses(command):
 
 
 def test_inline_commands_parse():
-    for command in re.findall(r"`(python \w+\.py [^`]+)`", README):
+    for command in re.findall(r"`(python \w+\.py [^`]+)`", README + RESULTS):
         argv = script_argv(command)
         importlib.import_module(argv[0].removesuffix(".py")).parse_args([a for a in argv[1:] if a != "..."])
 
@@ -72,3 +73,12 @@ def test_gpu_checks_parse_with_their_scripts_flags(tmp_path):
     assert len(scripts) >= 15 and {argv[0] for argv in scripts} == {"evaluate.py", "train.py", "bench.py"}
     for argv in scripts:
         importlib.import_module(argv[0].removesuffix(".py")).parse_args(argv[1:])
+
+
+def test_a_reader_meets_the_reference_run_early_and_every_file_in_the_code_map():
+    reference = "python train.py --data_path deepseek-r1-math-train --validation_size 25"
+    first = next(n for n, line in enumerate(README.splitlines(), 1) if line.startswith(reference))
+    assert first <= 150, first
+    code_map = README[README.index("## The code"):]
+    for path in [*ROOT.glob("*.py"), ROOT / "walkthrough.sh"]:
+        assert f"`{path.name}`" in code_map, path.name
