@@ -1,6 +1,6 @@
 """
 Teacher data: load, format, tokenize (cached), filter, split, batch; its overlap with the evaluation set; the
-offline synthetic dataset. (The teacher-logits command writes a teacher's top-k log-probabilities: teacher.py.)
+offline synthetic dataset. (The teacher-logits command writes a teacher's top-k log-probs: teacher.py.)
 
     python data.py stats --data_path deepseek-r1-math-train --use_think_tokens --max_seq_len 2048
     python data.py synth --out demo

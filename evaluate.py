@@ -241,15 +241,11 @@ def run_generation(args):
     settings = protocol(args, tok, dtype, sampling)
     summary_path = summary_path_of(out)
     if args.resume and summary_path.exists():
-        old = json.loads(summary_path.read_text()).get("protocol", {})
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            raise ValueError(f"--resume: {out} was made with other settings, (then, now): {changed}; "
-                             "choose another --out")
+        check_same_protocol(json.loads(summary_path.read_text()).get("protocol", {}), settings, out)
     # 2. the prompts; each process takes every world_size-th problem in order of prompt length (balanced work)
     by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["problem"]))
     mine = set(by_length[rank::world_size])
-    part = out if world_size == 1 else out.with_name(f"{out.stem}.part{rank}-of-{world_size}{out.suffix}")
+    part = part_path(out, rank, world_size)
     done_flag = part.with_suffix(".done")
     previous = read_records(out) if args.resume and out.exists() else []
     previous_part = read_records(part) if args.resume and part != out and part.exists() else []
@@ -281,21 +277,11 @@ def run_generation(args):
                              f"continue with: {continue_command(args)}") from None
     if rank > 0:
         return done_flag.touch()
-    records = previous + new
-    if world_size > 1:  # wait for the other processes' parts (torchrun stops everyone if one fails)
-        parts = [out.with_name(f"{out.stem}.part{r}-of-{world_size}{out.suffix}") for r in range(world_size)]
-        while not all(p.with_suffix(".done").exists() for p in parts[1:]):
-            time.sleep(1)
-        records = previous + [r for p in parts for r in read_records(p)]
+    records = previous + (new if world_size == 1 else merge_parts(out, world_size))
     # one record per (problem, sample), in order: the same file whatever the batch size or number of processes
     records = sorted({(r["index"], r.get("sample", 0)): r for r in records}.values(),
                      key=lambda r: (r["index"], r.get("sample", 0)))
     write_records(out, records)
-    if world_size > 1:
-        for p in parts:
-            p.with_suffix(".done").unlink(missing_ok=True)
-            if p != out:
-                p.unlink()
     if args.teacher_json:  # the reference's teacher-file format, to share
         shared = [{k: r[k] for k in ("problem", "gtruth_answer", "message_thinking", "message_content")}
                   for r in records]
@@ -307,6 +293,31 @@ def run_generation(args):
         print(f"{len(gave_up)} answers failed every try ({gave_up[-1]}): run the same command with --resume "
               "to ask for them again", file=sys.stderr)
     return summary
+
+
+def check_same_protocol(old, now, out):
+    changed = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
+    if changed:
+        raise ValueError(f"--resume: {out} was made with other settings, (then, now): {changed}; choose "
+                         "another --out")
+
+
+def part_path(out, rank, world_size):
+    """Where a process writes its answers: --out itself, or under torchrun a part file of its own."""
+    return out if world_size == 1 else out.with_name(f"{out.stem}.part{rank}-of-{world_size}{out.suffix}")
+
+
+def merge_parts(out, world_size):
+    """The first process, done with its part: the records of every part once all are done (a process marks its
+    part done with a .done file; torchrun stops everyone if one fails), the parts then removed."""
+    parts = [part_path(out, rank, world_size) for rank in range(world_size)]
+    while not all(p.with_suffix(".done").exists() for p in parts[1:]):
+        time.sleep(1)
+    records = [r for p in parts for r in read_records(p)]
+    for p in parts:
+        p.with_suffix(".done").unlink(missing_ok=True)
+        p.unlink()
+    return records
 
 
 def overlap_with_evaluation_set(args, rows):

@@ -582,135 +582,6 @@ def load_tokenizer(name_or_path, kind="base", cache_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# Downloads: retries, resume of partial files, temp file then rename, size check
-
-
-def default_cache_dir():
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "reasoning-distill"))
-
-
-class DownloadError(RuntimeError):
-    pass
-
-
-class Progress:
-    """A minimal progress bar on stderr: done/total, rate and ETA. Redrawn in place five times a second
-    on a terminal; one line every 30 s when stderr is a file or a pipe. quiet: draws nothing."""
-
-    def __init__(self, total=None, desc="", unit="it", scale=1, quiet=False):
-        self.total, self.desc, self.unit, self.scale, self.quiet = total, desc, unit, scale, quiet
-        self.done, self.start, self.last, self.status = 0, time.time(), time.time(), None
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n=1, status=None):
-        """n more done; status: a short text shown after the rate (e.g. live accuracy)."""
-        self.done += n
-        self.status = status if status is not None else self.status
-        now = time.time()
-        due = now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total)
-        if self.quiet or not due:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        of = f"/{self.total / self.scale:.0f}" if self.total else ""
-        eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
-        line = (f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} "
-                f"({rate / self.scale:.1f} {self.unit}/s){eta}")
-        line += f" | {self.status}" if self.status else ""
-        sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def write(self, message):
-        """Print a line above the bar."""
-        if self.quiet:
-            return
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-        print(message, flush=True)
-
-    def close(self):
-        if self.tty and not self.quiet:
-            sys.stderr.write("\n")
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def download(url, dest, retries=4, session=None, chunk=1 << 16):
-    """Download url to dest. Partial data lives in dest.part and is resumed with a Range request;
-    the file is renamed into place only once its size matches the server's Content-Length. One process at a
-    time downloads into a directory: torchrun's processes, or two jobs sharing a cache, fetch a file once, and
-    the others find it in place."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _one_process_at_a_time(dest.parent):
-        return dest if dest.exists() else _download(url, dest, retries, session, chunk)
-
-
-@contextmanager
-def _one_process_at_a_time(directory):
-    """An exclusive lock on a directory (flock: the kernel releases it if its process dies)."""
-    try:
-        import fcntl  # Unix; elsewhere downloads go unlocked
-    except ImportError:
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process downloading into {directory}", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _download(url, dest, retries, session, chunk):
-    import requests
-    session = session or requests.Session()
-    part = dest.with_name(dest.name + ".part")
-    last_error = None
-    for attempt in range(retries):
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with session.get(url, headers=headers, stream=True, timeout=30) as r:
-                if r.status_code == 416:  # asked past the end: the partial file is already complete or wrong
-                    part.unlink()
-                    continue
-                if r.status_code in (401, 403, 404):
-                    raise DownloadError(f"{url}: HTTP {r.status_code}")
-                r.raise_for_status()
-                if r.status_code == 200:  # server ignored the Range header: start over
-                    have = 0
-                length = r.headers.get("Content-Length")
-                expected = have + int(length) if length is not None else None
-                bar = Progress(expected, f"{dest.name}", unit="MB", scale=1 << 20)
-                bar.update(have)
-                with open(part, "ab" if have else "wb") as f:
-                    for block in r.iter_content(chunk):
-                        bar.update(f.write(block))
-                bar.close()
-            size = part.stat().st_size
-            if expected is not None and size != expected:
-                raise DownloadError(f"{url}: got {size} bytes, server announced {expected}")
-            os.replace(part, dest)
-            return dest
-        except DownloadError:
-            raise
-        except Exception as e:  # connection errors, timeouts, 5xx: retry with backoff, keep the partial file
-            last_error = e
-            if attempt + 1 < retries:
-                time.sleep(min(2 ** attempt, 10))
-    raise DownloadError(f"could not download {url} after {retries} tries: "
-                        f"{type(last_error).__name__}: {last_error}")
-
-
-# -----------------------------------------------------------------------------
 # Weights and checkpoints. Three ways in: load_model (a random config, a Hugging Face-layout directory or
 # Hub repo id), load_checkpoint (this project's files: weights, config and tokenizer in one), and load,
 # which takes either and returns the model with its tokenizer.
@@ -930,6 +801,136 @@ def pick_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+# -----------------------------------------------------------------------------
+# Downloads (one process at a time per directory, retries, resume of partial files, a size check), and the
+# progress bar that the scripts share
+
+
+def default_cache_dir():
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "reasoning-distill"))
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+class Progress:
+    """A minimal progress bar on stderr: done/total, rate and ETA. Redrawn in place five times a second
+    on a terminal; one line every 30 s when stderr is a file or a pipe. quiet: draws nothing."""
+
+    def __init__(self, total=None, desc="", unit="it", scale=1, quiet=False):
+        self.total, self.desc, self.unit, self.scale, self.quiet = total, desc, unit, scale, quiet
+        self.done, self.start, self.last, self.status = 0, time.time(), time.time(), None
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n=1, status=None):
+        """n more done; status: a short text shown after the rate (e.g. live accuracy)."""
+        self.done += n
+        self.status = status if status is not None else self.status
+        now = time.time()
+        due = now - self.last > (0.2 if self.tty else 30) or (self.tty and self.done == self.total)
+        if self.quiet or not due:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total / self.scale:.0f}" if self.total else ""
+        eta = f" ETA {format_seconds((self.total - self.done) / rate)}" if self.total and rate else ""
+        line = (f"{self.desc} {self.done / self.scale:.0f}{of} {self.unit} "
+                f"({rate / self.scale:.1f} {self.unit}/s){eta}")
+        line += f" | {self.status}" if self.status else ""
+        sys.stderr.write(f"\r{line}   " if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def write(self, message):
+        """Print a line above the bar."""
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        print(message, flush=True)
+
+    def close(self):
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def download(url, dest, retries=4, session=None, chunk=1 << 16):
+    """Download url to dest. Partial data lives in dest.part and is resumed with a Range request;
+    the file is renamed into place only once its size matches the server's Content-Length. One process at a
+    time downloads into a directory: torchrun's processes, or two jobs sharing a cache, fetch a file once, and
+    the others find it in place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _one_process_at_a_time(dest.parent):
+        return dest if dest.exists() else _download(url, dest, retries, session, chunk)
+
+
+@contextmanager
+def _one_process_at_a_time(directory):
+    """An exclusive lock on a directory (flock: the kernel releases it if its process dies)."""
+    try:
+        import fcntl  # Unix; elsewhere downloads go unlocked
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process downloading into {directory}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _download(url, dest, retries, session, chunk):
+    import requests
+    session = session or requests.Session()
+    part = dest.with_name(dest.name + ".part")
+    last_error = None
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with session.get(url, headers=headers, stream=True, timeout=30) as r:
+                if r.status_code == 416:  # asked past the end: the partial file is already complete or wrong
+                    part.unlink()
+                    continue
+                if r.status_code in (401, 403, 404):
+                    raise DownloadError(f"{url}: HTTP {r.status_code}")
+                r.raise_for_status()
+                if r.status_code == 200:  # server ignored the Range header: start over
+                    have = 0
+                length = r.headers.get("Content-Length")
+                expected = have + int(length) if length is not None else None
+                bar = Progress(expected, f"{dest.name}", unit="MB", scale=1 << 20)
+                bar.update(have)
+                with open(part, "ab" if have else "wb") as f:
+                    for block in r.iter_content(chunk):
+                        bar.update(f.write(block))
+                bar.close()
+            size = part.stat().st_size
+            if expected is not None and size != expected:
+                raise DownloadError(f"{url}: got {size} bytes, server announced {expected}")
+            os.replace(part, dest)
+            return dest
+        except DownloadError:
+            raise
+        except Exception as e:  # connection errors, timeouts, 5xx: retry with backoff, keep the partial file
+            last_error = e
+            if attempt + 1 < retries:
+                time.sleep(min(2 ** attempt, 10))
+    raise DownloadError(f"could not download {url} after {retries} tries: "
+                        f"{type(last_error).__name__}: {last_error}")
 
 
 # -----------------------------------------------------------------------------
