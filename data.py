@@ -190,7 +190,7 @@ def build_examples(rows, tokenizer, use_think_tokens, prompts_only=False):
         bar.update(len(texts[s:s + 256]))
     bar.close()
     # int32 tensors, not lists of Python ints: a twentieth of the memory, and the token cache loads as views
-    # (array -> tensor is three times faster than torch.tensor(list))
+    # (through an array: torch.tensor(list) converts int by int)
     examples = [{"token_ids": torch.frombuffer(array("i", p + t + [tokenizer.eos_token_id]),
                                                dtype=torch.int32), "prompt_len": len(p), "row": i}
                 for (i, _, _), p, t in zip(texts, prompts, targets)]

@@ -266,8 +266,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
             logits = (h[rows] @ w.t()).float().requires_grad_()
             with torch.enable_grad():
                 (grad_logits,) = torch.autograd.grad(ctx.chunk_loss(logits, rows), logits, grad_out)
-            # column-major: both products read it as it lies (and CPUs without bfloat16 matmuls, which fall
-            # back to a generic kernel, run them a hundred times faster than from the row-major layout)
+            # column-major: both products read it as it lies (CPUs without bfloat16 matmuls fall back to a
+            # generic kernel, which is far slower on the row-major layout)
             grad_logits = grad_logits.t().to(ctx.dtype, memory_format=torch.contiguous_format).t()
             grad_hidden[rows] = grad_logits @ w
             grad_head += grad_logits.t() @ h[rows]
@@ -421,14 +421,15 @@ def learning_rate(step, total_steps, args):
 
 
 def pick_precision(name, device, fsdp=False):
-    """(mode, weights dtype, autocast dtype) for --dtype; an error if the device cannot run it."""
+    """(mode, weights dtype, autocast dtype) for --precision; an error if the device cannot run it."""
     if name == "auto":
         name = "bfloat16" if device.startswith("cuda") else "float32"
     if "bfloat16" in name and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float32")
+        raise ValueError(f"--precision {name}: this GPU has no bfloat16; use --precision float32")
     if name == "bfloat16-sr" and fsdp:
-        raise ValueError("--dtype bfloat16-sr with --fsdp is not supported: its AdamW rounds whole tensors, "
-                         "and FSDP2 hands it shards; use DDP (no --fsdp), or --fsdp with --dtype bfloat16")
+        raise ValueError("--precision bfloat16-sr with --fsdp is not supported: its AdamW rounds whole "
+                         "tensors, and FSDP2 hands it shards; use DDP (no --fsdp), or --fsdp with "
+                         "--precision bfloat16")
     return (name, *PRECISIONS[name])
 
 
@@ -440,9 +441,8 @@ def describe_precision(precision):
 
 
 def adamw(parameters, device, lr, weight_decay, precision="float32", seed=0):
-    """AdamW, fused into one kernel per step where PyTorch has one (CUDA, CPU): on the CPU here it makes the
-    per-example loop 7% faster than the default one-tensor-at-a-time implementation. Under bfloat16-sr, the
-    stochastically rounding AdamW below."""
+    """AdamW, fused into one kernel per step where PyTorch has one (CUDA, CPU) rather than one operation per
+    tensor. Under bfloat16-sr, the stochastically rounding AdamW below."""
     if precision == "bfloat16-sr":
         return StochasticRoundingAdamW(parameters, lr=lr, weight_decay=weight_decay, seed=seed)
     fused = device.split(":")[0] in ("cuda", "cpu")
@@ -460,7 +460,7 @@ def round_stochastic_(exact, generator):
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
-    """AdamW for bfloat16 weights that keeps small updates (--dtype bfloat16-sr). Each step is computed in
+    """AdamW for bfloat16 weights that keeps small updates (--precision bfloat16-sr). Each step is computed in
     float32 and rounded back to bfloat16 stochastically: an update of a tenth of the bfloat16 spacing moves
     its weight by one spacing, one step in ten, where round-to-nearest (pure-bfloat16) drops it every time.
     The second moment needs it too (decaying by 0.1% a step, under half of bfloat16's relative spacing of
