@@ -561,10 +561,11 @@ def stats(args):
         print(f"after filtering: average {average:.0f} tokens")
 
 
-def grade_teacher_answers(rows):
-    """{row index: (extracted answer, correct)} for the rows with a gtruth_answer: the checker's verdict on
-    the teacher's final answer (message_content)."""
-    todo = [i for i, row in enumerate(rows) if isinstance(row, dict) and row.get("gtruth_answer") is not None]
+def grade_teacher_answers(rows, indices=None):
+    """{row index: (extracted answer, correct)} for the rows with a gtruth_answer (among `indices`, default
+    all): the checker's verdict on the teacher's final answer (message_content)."""
+    todo = [i for i in (range(len(rows)) if indices is None else indices)
+            if isinstance(rows[i], dict) and rows[i].get("gtruth_answer") is not None]
     bar, graded = qwen3.Progress(len(todo), "grade", unit="rows"), {}
     for i in todo:
         graded[i] = checker.grade_output(rows[i].get("message_content"), str(rows[i]["gtruth_answer"]))

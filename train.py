@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import checker
 import common
 import data
 import qwen3
@@ -675,11 +674,12 @@ def load_examples(args, tok, say=print):
         num_rows = min(num_rows, args.dataset_size)
     # rows whose problem is an evaluation problem, or a close copy: reported, or dropped with --decontaminate
     overlaps = data.evaluation_overlaps(args.against, args.cache_dir, download=args.decontaminate)
+    rows = data.load_distill_data(args.data_path, args.cache_dir) \
+        if overlaps is not None or args.only_correct else None  # read once, for both
     if overlaps is None:
         contamination = f"not checked ({args.against} not downloaded yet: evaluate.py downloads it)"
     else:
-        rows = data.load_distill_data(args.data_path, args.cache_dir)[:num_rows]
-        found = data.contaminated(rows, overlaps)
+        found = data.contaminated(rows[:num_rows], overlaps)
         if args.decontaminate:
             usable = len(examples)
             examples = [e for e in examples if e["row"] not in found]
@@ -689,7 +689,7 @@ def load_examples(args, tok, say=print):
     say(f"data: {num_rows} rows, {len(examples)} usable, skipped: {data.describe_skipped(skipped)}; "
         f"contaminated: {contamination}")
     if args.only_correct:
-        examples = correct_only(examples, data.load_distill_data(args.data_path, args.cache_dir), say)
+        examples = correct_only(examples, rows, say)
     if not examples:
         raise ValueError(f"no valid rows in {args.data_path} after preprocessing "
                          f"(skipped: {data.describe_skipped(skipped)})")
@@ -701,9 +701,9 @@ def load_examples(args, tok, say=print):
 
 
 def correct_only(examples, rows, say=print):
-    """The examples whose teacher answer (message_content) is right: graded as evaluate.py grades."""
-    right = [e for e in examples if checker.grade_output(rows[e["row"]].get("message_content"),
-                                                           str(rows[e["row"]].get("gtruth_answer")))[1]]
+    """The examples whose teacher answer (message_content) is right against gtruth_answer, by the checker."""
+    graded = data.grade_teacher_answers(rows, [e["row"] for e in examples])
+    right = [e for e in examples if graded.get(e["row"], (None, False))[1]]
     say(f"only correct: kept {len(right)} of {len(examples)}, dropped {len(examples) - len(right)} whose "
         "message_content is wrong against gtruth_answer")
     return right
